@@ -1,0 +1,63 @@
+"""Held-out evaluation: preference accuracy from policy log-probs, and greedy generations."""
+from __future__ import annotations
+
+import torch
+
+from dpo_dist.data.render import Renderer
+from dpo_dist.data.tokenize import tokenize_dpo
+
+
+@torch.no_grad()
+def sequence_logps(model, tokenizer, renderer: Renderer, rows: list[dict], max_length: int = 512,
+                   batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of each row's chosen and rejected response given its prompt (DPO tokenization)."""
+    model.eval()
+    chosen, rejected = [], []
+    encoded = [tokenize_dpo(r, tokenizer, renderer, max_length, max_length // 2) for r in rows]
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start : start + batch_size]
+        seqs, masks = [], []
+        for side in ("chosen_ids", "rejected_ids"):
+            for e in batch:
+                seqs.append(e["prompt_ids"] + e[side])
+                masks.append([0] * len(e["prompt_ids"]) + [1] * len(e[side]))
+        width = max(map(len, seqs))
+        pad = tokenizer.pad_token_id
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
+        attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+        comp = torch.tensor([m + [0] * (width - len(m)) for m in masks])
+        logits = model(input_ids=ids.to(model.device), attention_mask=attn.to(model.device)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(model.device)).squeeze(-1)
+        seq = (logp * comp[:, 1:].to(model.device)).sum(-1).cpu()
+        c, r = seq.chunk(2)
+        chosen.append(c)
+        rejected.append(r)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def preference_accuracy(model, tokenizer, renderer: Renderer, rows: list[dict]) -> dict:
+    """How often the policy gives the chosen response a higher log-prob than the rejected one."""
+    c, r = sequence_logps(model, tokenizer, renderer, rows)
+    return {"preference_accuracy": (c > r).float().mean().item(), "mean_logp_margin": (c - r).mean().item()}
+
+
+@torch.no_grad()
+def generate(model, tokenizer, renderer: Renderer, prompts: list[list[dict]], max_new_tokens: int = 24,
+             batch_size: int = 16) -> list[str]:
+    """Greedy completions of chat prompts, stopped at the template's end-of-turn token."""
+    model.eval()
+    eot = tokenizer.convert_tokens_to_ids(renderer.eot_token)
+    stops = sorted({eot, tokenizer.eos_token_id} - {None})
+    texts = []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the right edge
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = [renderer.render(renderer.prepare(p), add_generation_prompt=True) for p in prompts[start : start + batch_size]]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                                 pad_token_id=tokenizer.pad_token_id)
+            texts += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return [t.strip() for t in texts]

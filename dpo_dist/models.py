@@ -1,0 +1,121 @@
+"""Tokenizer and model loading for full, LoRA and QLoRA training."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+
+from dpo_dist.recipe import MethodConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    if cfg.trust_remote_code:
+        log.warning("trust_remote_code is on: code from %s will run on this machine", cfg.tokenizer or cfg.name_or_path)
+    tok = AutoTokenizer.from_pretrained(
+        cfg.tokenizer or cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def pick_attn_implementation(requested: str = "auto", precision: str = "fp32") -> str:
+    """sdpa by default; flash_attention_2 when installed and the GPU supports it; eager as a fallback."""
+    if requested != "auto":
+        if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise RuntimeError("attn_implementation flash_attention_2 needs the flash-attn package; use sdpa instead")
+        return requested
+    if (
+        torch.cuda.is_available()
+        and importlib.util.find_spec("flash_attn") is not None
+        and torch.cuda.get_device_capability()[0] >= 8  # Ampere or newer
+        and precision in ("fp16", "bf16")
+    ):
+        return "flash_attention_2"
+    if hasattr(torch.nn.functional, "scaled_dot_product_attention"):
+        return "sdpa"
+    return "eager"
+
+
+def model_dtype(method: str, precision: str) -> torch.dtype:
+    # Full fine-tuning in fp16 keeps fp32 master weights (mixed precision); everything else stores at precision.
+    if method == "full" and precision == "fp16":
+        return torch.float32
+    return DTYPES[precision]
+
+
+def quantization_config(precision: str):
+    from transformers import BitsAndBytesConfig
+
+    dtype = DTYPES[precision]
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype,  # equal to the model dtype, so FSDP can shard it with the rest
+    )
+
+
+def load_model(cfg: ModelConfig, method: str, precision: str, attn_implementation: str = "auto", path: str | None = None):
+    """Load the base model. `path` replaces `cfg.name_or_path` (e.g. a previous stage's merged result)."""
+    from transformers import AutoModelForCausalLM
+
+    attn = pick_attn_implementation(attn_implementation, precision)
+    kwargs = dict(
+        dtype=model_dtype(method, precision),
+        attn_implementation=attn,
+        trust_remote_code=cfg.trust_remote_code,
+        revision=cfg.revision if path is None else None,
+    )
+    if method == "qlora":
+        kwargs["quantization_config"] = quantization_config(precision)
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path or cfg.name_or_path, **kwargs)
+    except ValueError as err:
+        if attn_implementation != "auto" or attn == "eager" or "attention" not in str(err).lower():
+            raise
+        log.warning("%s does not support %s attention; falling back to eager", path or cfg.name_or_path, attn)
+        kwargs["attn_implementation"] = "eager"
+        model = AutoModelForCausalLM.from_pretrained(path or cfg.name_or_path, **kwargs)
+    model.config.use_cache = False
+    return model
+
+
+def lora_config(method: MethodConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=method.lora_r,
+        lora_alpha=method.lora_alpha,
+        lora_dropout=method.lora_dropout,
+        target_modules=method.target_modules or "all-linear",  # peft's all-linear excludes the output layer
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def adapter_dtype(precision: str) -> torch.dtype:
+    # fp16 mixed precision needs fp32 trainable weights for its gradient scaler; bf16 keeps one dtype so FSDP
+    # can shard adapters together with the bf16 base.
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def cast_trainable(model, dtype: torch.dtype) -> int:
+    """Cast every trainable parameter to `dtype`. Returns how many were cast."""
+    n = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            n += 1
+    return n

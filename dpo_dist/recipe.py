@@ -1,0 +1,231 @@
+"""The recipe: what to learn (model, data, stages, method, hyperparameters). Never hardware.
+
+Precedence, stated once: command-line `key=value` overrides > the recipe file > the defaults below.
+A recipe-level `train:` block holds defaults that each stage's own `train:` block overrides key by key.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from dpo_dist.schema import ConfigError, apply_override, build, load_yaml, to_dict
+
+Stage = Literal["pretrain", "sft", "dpo"]
+Method = Literal["full", "lora", "qlora"]
+LossType = Literal["sigmoid", "ipo", "hinge", "robust", "simpo"]
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr", "polynomial")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str
+    tokenizer: str | None = None  # defaults to name_or_path
+    revision: str | None = None
+    trust_remote_code: bool = False
+    # Chat template name from dpo_dist.templates; null = the tokenizer's own template, else "default".
+    template: str | None = None
+
+    def check(self, where: str) -> None:
+        if self.template is not None:
+            from dpo_dist.templates import get_template
+
+            try:
+                get_template(self.template)
+            except ValueError as err:
+                raise ConfigError(f"{where}.template: {err}") from None
+
+
+@dataclass
+class MethodConfig:
+    type: Method = "lora"
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    # null = every linear layer except lm_head.
+    target_modules: list[str] | None = None
+
+    def check(self, where: str) -> None:
+        if self.lora_r <= 0:
+            raise ConfigError(f"{where}.lora_r: must be positive, got {self.lora_r}")
+        if self.lora_alpha <= 0:
+            raise ConfigError(f"{where}.lora_alpha: must be positive, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"{where}.lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+
+
+@dataclass
+class DataConfig:
+    train: str  # a .jsonl/.json/.parquet file, a directory (pretrain), or a Hugging Face dataset name
+    eval: str | None = None
+    format: str = "auto"
+    split: str = "train"
+    on_bad_row: Literal["error", "skip"] = "error"
+    max_rows: int | None = None  # use the first N rows (after validation)
+    num_proc: int | None = None  # tokenization processes; null = min(4, cpu count)
+
+    def check(self, where: str) -> None:
+        if self.max_rows is not None and self.max_rows <= 0:
+            raise ConfigError(f"{where}.max_rows: must be positive, got {self.max_rows}")
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = 2e-4
+    global_batch_size: int = 32
+    num_epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides num_epochs
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+    gradient_checkpointing: bool = False
+    fp16: bool = False
+    bf16: bool = False
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    eval_steps: int | None = None
+
+    def check(self, where: str) -> None:
+        if self.learning_rate <= 0:
+            raise ConfigError(f"{where}.learning_rate: must be positive, got {self.learning_rate}")
+        if self.global_batch_size <= 0:
+            raise ConfigError(f"{where}.global_batch_size: must be positive, got {self.global_batch_size}")
+        if self.num_epochs <= 0 and self.max_steps <= 0:
+            raise ConfigError(f"{where}.num_epochs: must be positive unless max_steps is set")
+        if self.fp16 and self.bf16:
+            raise ConfigError(f"{where}: fp16 and bf16 are both true; choose one (fp16 for V100, bf16 for A100/H100)")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise ConfigError(f"{where}.lr_scheduler: {self.lr_scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+        if self.warmup_steps < 0 or not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"{where}.warmup_steps/warmup_ratio: must be >= 0 and ratio < 1")
+        for name in ("logging_steps", "save_steps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{where}.{name}: must be positive, got {getattr(self, name)}")
+
+    @property
+    def precision(self) -> str:
+        return "fp16" if self.fp16 else "bf16" if self.bf16 else "fp32"
+
+
+@dataclass
+class StageConfig:
+    stage: Stage
+    data: DataConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str | None = None  # run-directory name; defaults to the stage type
+    method: MethodConfig | None = None  # overrides the recipe's method for this stage only
+    max_length: int = 2048
+    # DPO only
+    max_prompt_length: int | None = None
+    beta: float = 0.1
+    loss_type: LossType = "sigmoid"
+    label_smoothing: float = 0.0  # robust loss: assumed label-noise rate
+    simpo_gamma: float = 0.5  # simpo loss: target reward margin
+
+    def check(self, where: str) -> None:
+        if self.name is None:
+            self.name = self.stage
+        if self.max_length <= 1:
+            raise ConfigError(f"{where}.max_length: must be > 1, got {self.max_length}")
+        if self.stage == "dpo":
+            if self.beta <= 0:
+                raise ConfigError(f"{where}.beta: must be positive, got {self.beta}")
+            if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
+                raise ConfigError(
+                    f"{where}.max_prompt_length: must be between 1 and max_length-1 ({self.max_length - 1}), "
+                    f"got {self.max_prompt_length}"
+                )
+            if self.loss_type == "robust" and not 0.0 <= self.label_smoothing < 0.5:
+                raise ConfigError(f"{where}.label_smoothing: the robust loss needs a value in [0, 0.5)")
+        else:
+            for key, default in (("max_prompt_length", None), ("loss_type", "sigmoid"), ("label_smoothing", 0.0)):
+                if getattr(self, key) != default:
+                    raise ConfigError(f"{where}.{key}: only applies to dpo stages, this stage is {self.stage}")
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: ModelConfig
+    stages: list[StageConfig]
+    method: MethodConfig = field(default_factory=MethodConfig)
+    seed: int = 42
+    output_dir: str | None = None  # defaults to runs/<name>
+    # Each stage starts from the previous stage's result (LoRA adapters merged into a full-precision base).
+    chain: bool = True
+    train: dict | None = None  # defaults for every stage's train block (merged before validation)
+
+    def check(self, where: str) -> None:
+        if not self.stages:
+            raise ConfigError(f"{where + '.' if where else ''}stages: at least one stage is required")
+        names = [s.name for s in self.stages]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"stages: two stages share the name {dupes[0]!r}; give them distinct `name:` keys")
+        if self.chain:
+            order = {"pretrain": 0, "sft": 1, "dpo": 2}
+            for prev, cur in zip(self.stages, self.stages[1:]):
+                if order[cur.stage] < order[prev.stage]:
+                    raise ConfigError(
+                        f"stages: {cur.stage} after {prev.stage} with chain: true would train in the wrong order; "
+                        "use pretrain → sft → dpo, or set chain: false to run the stages independently"
+                    )
+        if self.output_dir is None:
+            self.output_dir = f"runs/{self.name}"
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def method_of(self, stage: StageConfig) -> MethodConfig:
+        return stage.method or self.method
+
+    def stage(self, name: str) -> StageConfig:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+def _stage_alias(items: list, part: str) -> int | None:
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and part in (item.get("name"), item.get("stage")):
+            return i
+    return None
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def recipe_from_dict(data: dict, overrides: list[str] = (), source: str = "recipe") -> Recipe:
+    data = copy.deepcopy(data)
+    try:
+        for assignment in overrides:
+            apply_override(data, assignment, _stage_alias)
+        defaults = data.get("train") or {}
+        if not isinstance(defaults, dict):
+            raise ConfigError("train: expected a mapping of training defaults")
+        stages = data.get("stages")
+        if isinstance(stages, list):
+            for i, stage in enumerate(stages):
+                if isinstance(stage, str):  # shorthand `stages: [sft, dpo]` is not enough: each needs data
+                    raise ConfigError(f"stages[{i}]: expected a mapping with at least `stage:` and `data:`")
+                if isinstance(stage, dict) and (defaults or "train" in stage):
+                    stage["train"] = _merge(defaults, stage.get("train") or {})
+        # Validate the defaults on their own so a typo there names `train.x`, not a stage.
+        build(TrainConfig, defaults, "train")
+        return build(Recipe, data)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    return recipe_from_dict(load_yaml(path), overrides, source=str(path))

@@ -1,0 +1,91 @@
+"""What every stage shares: TrainingArguments from recipe + profile, and the run-directory metrics log."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from dpo_dist.profiles import Profile, gradient_accumulation
+from dpo_dist.recipe import StageConfig
+
+
+def precision_of(stage: StageConfig, profile: Profile) -> str:
+    return profile.precision or stage.train.precision
+
+
+def training_kwargs(stage: StageConfig, profile: Profile, run_dir: Path, seed: int, world_size: int) -> dict:
+    """The TrainingArguments keys shared by every stage (TRL's SFTConfig and DPOConfig both take them)."""
+    t = stage.train
+    precision = precision_of(stage, profile)
+    checkpointing = t.gradient_checkpointing if profile.gradient_checkpointing is None else profile.gradient_checkpointing
+    report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+    return dict(
+        output_dir=str(run_dir / "checkpoints"),
+        seed=seed,
+        data_seed=seed,
+        per_device_train_batch_size=profile.micro_batch_size,
+        per_device_eval_batch_size=profile.micro_batch_size,
+        gradient_accumulation_steps=gradient_accumulation(
+            t.global_batch_size, profile.micro_batch_size, world_size, where=f"stages.{stage.name}.train"),
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.num_epochs,
+        max_steps=t.max_steps,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps or t.warmup_ratio,  # transformers 5: a value below 1 is a ratio
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=profile.optim or t.optim,
+        gradient_checkpointing=checkpointing,
+        # Non-reentrant checkpointing works with frozen inputs and LoRA; reentrant is opt-in per backend.
+        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        fp16=precision == "fp16",
+        bf16=precision == "bf16",
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        report_to=report_to,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+class MetricsLogger(TrainerCallback):
+    """Appends one JSON object per logging step to metrics.jsonl (rank 0 only), with real tokens per second."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._last_tokens = 0.0
+        self._last_time = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last_time = time.perf_counter()
+        self._last_tokens = 0.0
+        for entry in state.log_history:  # resuming: continue the token count where it was
+            self._last_tokens = entry.get("num_tokens", self._last_tokens)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        row.update({k: v for k, v in logs.items() if isinstance(v, (int, float)) and math.isfinite(v)})
+        now = time.perf_counter()
+        if "num_tokens" in logs and "train_runtime" not in logs:
+            elapsed = now - self._last_time
+            if elapsed > 0 and logs["num_tokens"] > self._last_tokens:
+                row["tokens_per_s"] = round((logs["num_tokens"] - self._last_tokens) / elapsed, 2)
+            self._last_tokens, self._last_time = logs["num_tokens"], now
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,86 @@
+"""DPO: TRL's DPOTrainer on rows tokenized by dpo_dist.data, plus a reference-free SimPO-style loss.
+
+With LoRA/QLoRA the trainer gets the base model and a peft_config, so the reference is the same weights with the
+adapter disabled: no second copy is ever loaded. Full-parameter DPO loads a frozen reference.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from trl import DPOConfig, DPOTrainer
+
+from dpo_dist.profiles import Profile
+from dpo_dist.recipe import StageConfig
+from dpo_dist.stages.common import training_kwargs
+
+
+class PretokenizedDPOTrainer(DPOTrainer):
+    """DPOTrainer that accepts rows already holding prompt_ids/chosen_ids/rejected_ids."""
+
+    def __init__(self, *args, simpo_gamma: float = 0.5, **kwargs):
+        self.simpo_gamma = simpo_gamma
+        super().__init__(*args, **kwargs)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        # trl 1.16 re-renders and re-tokenizes every row unconditionally; ours are tokenized with the recipe's
+        # template and max_prompt_length (which trl 1.x dropped), so they are used as they are.
+        if "prompt_ids" in dataset.column_names:
+            return dataset
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        if self.loss_types != ["simpo"]:
+            return super()._compute_loss(model, inputs, return_outputs)
+        return self._simpo_loss(model, inputs)
+
+    def _simpo_loss(self, model, inputs):
+        """Reference-free: -log σ(β·(mean logp chosen − mean logp rejected) − γ). No reference pass is run."""
+        mode = "train" if self.model.training else "eval"
+        mask = inputs["completion_mask"]
+        labels = inputs["input_ids"].masked_fill(mask == 0, -100)
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
+                    use_cache=False, fused_lm_head=True)
+        shift_mask = mask[:, 1:]
+        logps = out.log_probs[:, -shift_mask.size(1):].sum(dim=1)
+        mean_logps = logps / shift_mask.sum(dim=1).clamp(min=1)
+        chosen, rejected = mean_logps.chunk(2, dim=0)
+        loss = -F.logsigmoid(self.beta * (chosen - rejected) - self.simpo_gamma).mean()
+        chosen_rewards, rejected_rewards = (self.beta * chosen).detach(), (self.beta * rejected).detach()
+        gather = self.accelerator.gather
+        metrics = self._metrics[mode]
+        metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
+        metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
+        metrics["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
+        metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
+        logps_c, logps_r = logps.detach().chunk(2, dim=0)
+        metrics["logps/chosen"].append(gather(logps_c).mean().item())
+        metrics["logps/rejected"].append(gather(logps_r).mean().item())
+        if mode == "train":
+            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
+        metrics["num_tokens"] = [self._total_train_tokens]
+        return loss
+
+
+def build_dpo_trainer(stage: StageConfig, profile: Profile, run_dir: Path, seed: int, world_size: int,
+                      model, tokenizer, train_ds, eval_ds, peft_config, callbacks, ref_model=None):
+    args = DPOConfig(
+        **training_kwargs(stage, profile, run_dir, seed, world_size),
+        max_length=stage.max_length,  # rows are already cut to fit; this only guards the collator
+        beta=stage.beta,
+        loss_type=[stage.loss_type],
+        label_smoothing=stage.label_smoothing,
+        precompute_ref_log_probs=False,
+    )
+    return PretokenizedDPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+        simpo_gamma=stage.simpo_gamma,
+    )

@@ -1,0 +1,28 @@
+"""SFT and continued pretraining: TRL's SFTTrainer on pre-tokenized rows (input_ids + labels)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from trl import SFTConfig, SFTTrainer
+
+from dpo_dist.profiles import Profile
+from dpo_dist.recipe import StageConfig
+from dpo_dist.stages.common import training_kwargs
+
+
+def build_sft_trainer(stage: StageConfig, profile: Profile, run_dir: Path, seed: int, world_size: int,
+                      model, tokenizer, train_ds, eval_ds, peft_config, callbacks):
+    args = SFTConfig(
+        **training_kwargs(stage, profile, run_dir, seed, world_size),
+        max_length=stage.max_length,
+        packing=False,  # pretraining data is already packed into blocks; SFT rows keep their own masks
+    )
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )

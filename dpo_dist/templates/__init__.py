@@ -1,0 +1,144 @@
+"""Registry of chat templates: one HF-compatible Jinja file per model family.
+
+The Jinja files render exactly the messages they are given, as a concatenation of
+per-message pieces, so a prompt rendered with ``add_generation_prompt=True`` is a
+string prefix of the same conversation rendered with its answer. The data layer
+relies on that to find where assistant tokens start. Per-template metadata that
+Jinja cannot express (default system prompt, end-of-turn marker) lives here.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from typing import Any, NoReturn
+
+from jinja2 import Template
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+__all__ = [
+    "ChatTemplate",
+    "apply_default_system",
+    "get_template",
+    "template_names",
+]
+
+
+@dataclass(frozen=True)
+class _Meta:
+    default_system: str | None = None
+    # None means the tokenizer's eos_token closes an assistant turn.
+    end_of_turn: str | None = None
+
+
+_META: dict[str, _Meta] = {
+    "default": _Meta(),
+    "qwen": _Meta("You are a helpful assistant.", "<|im_end|>"),
+    "llama2": _Meta("You are a helpful, respectful and honest assistant."),
+    "llama3": _Meta(None, "<|eot_id|>"),
+    "mistral": _Meta(),
+    "mixtral": _Meta(),
+    "gemma": _Meta(None, "<end_of_turn>"),
+    "phi3": _Meta(None, "<|end|>"),
+    "yi": _Meta(None, "<|im_end|>"),
+    "deepseek": _Meta(),
+    "minicpm": _Meta(),
+    "zephyr": _Meta(),
+    "vicuna": _Meta(
+        "A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions."
+    ),
+    "baichuan2": _Meta(),
+    "internlm2": _Meta("You are an AI assistant whose name is InternLM (书生·浦语).", "<|im_end|>"),
+}
+
+# Alternative names that resolve to a registered template (no separate file).
+_ALIASES: dict[str, str] = {"chatml": "qwen"}
+
+
+def _raise_exception(message: str) -> NoReturn:
+    # HF exposes the same helper to chat templates; Jinja itself has no way to raise.
+    raise TemplateError(message)
+
+
+@lru_cache(maxsize=1)
+def _environment() -> ImmutableSandboxedEnvironment:
+    # Same settings as transformers' apply_chat_template, so files behave identically there.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise_exception
+    return env
+
+
+@lru_cache(maxsize=None)
+def _compile(source: str) -> Template:
+    return _environment().from_string(source)
+
+
+@lru_cache(maxsize=None)
+def _load_source(name: str) -> str:
+    return resources.files(__name__).joinpath(f"{name}.jinja").read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    name: str
+    source: str
+    default_system: str | None
+    end_of_turn: str | None
+
+    def eot_token(self, tokenizer: Any) -> str:
+        """Literal text that closes an assistant turn for this tokenizer."""
+        if self.end_of_turn is not None:
+            return self.end_of_turn
+        if tokenizer.eos_token is None:
+            raise ValueError(f"template {self.name!r} ends turns with eos_token, but the tokenizer has none")
+        return tokenizer.eos_token
+
+    def render(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        add_generation_prompt: bool = False,
+        bos_token: str = "<s>",
+        eos_token: str = "</s>",
+    ) -> str:
+        return _compile(self.source).render(
+            messages=[dict(m) for m in messages],
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bos_token,
+            eos_token=eos_token,
+        )
+
+
+def template_names() -> list[str]:
+    """All accepted template names, aliases included, sorted."""
+    return sorted([*_META, *_ALIASES])
+
+
+@lru_cache(maxsize=None)
+def _build(name: str) -> ChatTemplate:
+    meta = _META[name]
+    return ChatTemplate(name, _load_source(name), meta.default_system, meta.end_of_turn)
+
+
+def get_template(name: str) -> ChatTemplate:
+    """Look up a template by name; an alias returns its target (whose ``name`` is the target's)."""
+    canonical = _ALIASES.get(name, name)
+    if canonical not in _META:
+        names = template_names()
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.0)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"Unknown chat template {name!r}.{hint} Valid names: {', '.join(names)}")
+    return _build(canonical)
+
+
+def apply_default_system(template: ChatTemplate, messages: Sequence[Mapping[str, str]]) -> list[dict]:
+    """Return a new list with the template's default system prompt prepended when the
+    conversation has no system message of its own (a row's own system always wins)."""
+    out = [dict(m) for m in messages]
+    if template.default_system is not None and not any(m.get("role") == "system" for m in out):
+        out.insert(0, {"role": "system", "content": template.default_system})
+    return out

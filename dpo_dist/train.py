@@ -1,0 +1,199 @@
+"""Per-rank entry point: `python -m dpo_dist.train RECIPE [--profile P] [--stage NAME] [--resume] [key=value ...]`.
+
+One recipe runs its stages in order. Each stage: data → model → trainer → train → save, in its own run directory:
+recipe.yaml (resolved), metrics.jsonl, summary.json, data_report.json, checkpoints/, adapter/ or model/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from dpo_dist.profiles import Profile, load_profile
+from dpo_dist.recipe import Recipe, StageConfig, load_recipe
+from dpo_dist.schema import ConfigError
+
+
+@dataclass
+class StageResult:
+    name: str
+    run_dir: Path
+    output: Path  # adapter/ or model/
+    model_path: str  # what a following stage loads: merged/ or model/ (or the base when nothing was trained)
+    summary: dict
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _latest_checkpoint(run_dir: Path) -> str | None:
+    ckpts = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return str(ckpts[-1]) if ckpts else None
+
+
+def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: str, run_dir: Path,
+              resume: bool = False, has_next: bool = False, log=print) -> StageResult:
+    from dpo_dist.data.render import Renderer
+    from dpo_dist.data.tokenize import prepare_dataset
+    from dpo_dist.merge import merge_adapter
+    from dpo_dist.models import adapter_dtype, cast_trainable, load_model, load_tokenizer, lora_config
+    from dpo_dist.stages.common import MetricsLogger, precision_of
+    from dpo_dist.stages.dpo import build_dpo_trainer
+    from dpo_dist.stages.sft import build_sft_trainer
+    from transformers import set_seed
+    from accelerate import PartialState
+
+    started = time.time()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    precision = precision_of(stage, profile)
+    method_cfg = recipe.method_of(stage)
+    method = method_cfg.type
+    if is_main_process():
+        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        if not resume:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+    # ---- tokenizer & data ---------------------------------------------------------------------------------------
+    tokenizer = load_tokenizer(recipe.model if base_path == recipe.model.name_or_path
+                               else _with_path(recipe.model, base_path))
+    renderer = Renderer(tokenizer, recipe.model.template)
+    kind = stage.stage
+    data = stage.data
+
+    def prepare(source):
+        return prepare_dataset(kind, source, tokenizer, renderer, max_length=stage.max_length,
+                               max_prompt_length=stage.max_prompt_length, fmt=data.format,
+                               on_bad_row=data.on_bad_row, split=data.split, max_rows=data.max_rows,
+                               num_proc=data.num_proc, log=log)
+
+    with PartialState().main_process_first():  # rank 0 tokenizes; the others read its cache
+        train = prepare(data.train)
+        evaluation = prepare(data.eval) if data.eval else None
+    if is_main_process():
+        report = {"train": train.report, "eval": evaluation.report if evaluation else None}
+        (run_dir / "data_report.json").write_text(json.dumps(report, indent=1))
+
+    # ---- model ----------------------------------------------------------------------------------------------------
+    set_seed(recipe.seed)  # adapters are initialised randomly: same seed, same start
+    model = load_model(recipe.model, method, precision, profile.attn_implementation, path=base_path)
+    peft_config = lora_config(method_cfg) if method in ("lora", "qlora") else None
+
+    # ---- trainer --------------------------------------------------------------------------------------------------
+    callbacks = [MetricsLogger(run_dir / "metrics.jsonl")]
+    build = build_dpo_trainer if kind == "dpo" else build_sft_trainer
+    trainer = build(stage, profile, run_dir, recipe.seed, world_size(), model, tokenizer, train.dataset,
+                    evaluation.dataset if evaluation else None, peft_config, callbacks)
+    if peft_config is not None:
+        # trl stores QLoRA adapters in bf16 regardless of precision; keep them in one dtype that the precision
+        # can train (fp16's gradient scaler refuses half-precision master weights).
+        cast_trainable(trainer.model, adapter_dtype(precision))
+
+    # ---- train ----------------------------------------------------------------------------------------------------
+    checkpoint = _latest_checkpoint(run_dir) if resume else None
+    if checkpoint:
+        log(f"[train] resuming {stage.name} from {checkpoint}")
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+
+    # ---- save -----------------------------------------------------------------------------------------------------
+    output = run_dir / ("adapter" if peft_config is not None else "model")
+    trainer.save_model(str(output))
+    model_path = str(output)
+    if is_main_process():
+        tokenizer.save_pretrained(str(output))
+    trainer.accelerator.wait_for_everyone()
+    if peft_config is not None and has_next and recipe.chain:
+        merged = run_dir / "merged"
+        if is_main_process():
+            log(f"[train] merging {stage.name} adapter into a {precision} copy of {base_path}")
+            merge_adapter(base_path, output, merged, dtype=precision,
+                          trust_remote_code=recipe.model.trust_remote_code)
+        trainer.accelerator.wait_for_everyone()
+        model_path = str(merged)
+    summary = {
+        "stage": stage.stage,
+        "name": stage.name,
+        "method": method,
+        "precision": precision,
+        "base": base_path,
+        "output": str(output),
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "train_runtime_s": round(time.time() - started, 2),
+        "final": _last_train_log(trainer.state.log_history),
+        "data": {"rows": train.report["rows"], "skipped": len(train.report["skipped"]),
+                 "tokens": train.report["tokens"], "from_cache": train.from_cache},
+    }
+    if is_main_process():
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return StageResult(stage.name, run_dir, output, model_path, summary)
+
+
+def _with_path(model_cfg, path: str):
+    from dataclasses import replace
+
+    return replace(model_cfg, name_or_path=path, tokenizer=None, revision=None)
+
+
+def _last_train_log(history: list[dict]) -> dict:
+    for entry in reversed(history):
+        if "loss" in entry:
+            return entry
+    return {}
+
+
+def run_recipe(recipe: Recipe, profile: Profile, only: str | None = None, resume: bool = False,
+               log=print) -> list[StageResult]:
+    results: list[StageResult] = []
+    base = recipe.model.name_or_path
+    out = Path(recipe.output_dir)
+    for i, stage in enumerate(recipe.stages):
+        run_dir = out / stage.name
+        has_next = i + 1 < len(recipe.stages)
+        if only and stage.name != only:
+            done = run_dir / "summary.json"
+            if recipe.chain and done.is_file():  # a finished earlier stage feeds the next one
+                prev = run_dir / "merged" if (run_dir / "merged").is_dir() else run_dir / "model"
+                base = str(prev) if prev.is_dir() else base
+            continue
+        log(f"[train] stage {i + 1}/{len(recipe.stages)}: {stage.name} ({stage.stage}, {recipe.method_of(stage).type}) "
+            f"from {base} → {run_dir}")
+        result = run_stage(recipe, stage, profile, base, run_dir, resume=resume, has_next=has_next, log=log)
+        results.append(result)
+        if recipe.chain:
+            base = result.model_path
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dpo_dist.train", description=__doc__.splitlines()[0])
+    parser.add_argument("recipe", help="recipe YAML")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.sft.train.learning_rate=1e-4")
+    parser.add_argument("--profile", help="launch profile name (launch/*.yaml) or path")
+    parser.add_argument("--stage", help="run only this stage (earlier chained stages must have finished)")
+    parser.add_argument("--resume", action="store_true", help="resume each stage from its latest checkpoint")
+    args = parser.parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        profile = load_profile(args.profile)
+        if args.stage and args.stage not in [s.name for s in recipe.stages]:
+            raise ConfigError(f"--stage {args.stage}: no such stage; stages are {[s.name for s in recipe.stages]}")
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    run_recipe(recipe, profile, only=args.stage, resume=args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
