@@ -126,6 +126,9 @@ class StageConfig:
     loss_type: LossType = "sigmoid"
     label_smoothing: float = 0.0  # robust loss: assumed label-noise rate
     simpo_gamma: float = 0.5  # simpo loss: target reward margin
+    # Weight of an NLL term on the chosen response added to the preference loss (RPO); keeps the chosen
+    # response's likelihood from falling along with the rejected one's. 0 = plain DPO.
+    sft_weight: float = 0.0
 
     def check(self, where: str) -> None:
         if self.name is None:
@@ -140,10 +143,15 @@ class StageConfig:
                     f"{where}.max_prompt_length: must be between 1 and max_length-1 ({self.max_length - 1}), "
                     f"got {self.max_prompt_length}"
                 )
+            if self.sft_weight < 0:
+                raise ConfigError(f"{where}.sft_weight: must be >= 0, got {self.sft_weight}")
+            if self.sft_weight and self.loss_type == "simpo":
+                raise ConfigError(f"{where}.sft_weight: not supported with loss_type simpo")
             if self.loss_type == "robust" and not 0.0 <= self.label_smoothing < 0.5:
                 raise ConfigError(f"{where}.label_smoothing: the robust loss needs a value in [0, 0.5)")
         else:
-            for key, default in (("max_prompt_length", None), ("loss_type", "sigmoid"), ("label_smoothing", 0.0)):
+            for key, default in (("max_prompt_length", None), ("loss_type", "sigmoid"), ("label_smoothing", 0.0),
+                                 ("sft_weight", 0.0)):
                 if getattr(self, key) != default:
                     raise ConfigError(f"{where}.{key}: only applies to dpo stages, this stage is {self.stage}")
 

@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", help="launch profile name (launch/*.yaml) or path")
     parser.add_argument("--stage", help="run only this stage (earlier chained stages must have finished)")
     parser.add_argument("--resume", action="store_true", help="resume each stage from its latest checkpoint")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         profile = load_profile(args.profile)

@@ -37,7 +37,7 @@ def train_tokenizer(data_dir: Path = DATA_DIR, vocab_size: int = 512):
                                    additional_special_tokens=SPECIAL[1:])
 
 
-def build_base(out: Path, hidden: int = 96, layers: int = 2, seed: int = 0) -> Path:
+def build_base(out: Path, hidden: int = 128, layers: int = 3, seed: int = 0) -> Path:
     """Write tokenizer + random-weight Qwen2 to `out`. Returns `out`."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM

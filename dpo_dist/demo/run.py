@@ -75,7 +75,7 @@ def run_demo(out: Path, overrides: list[str] = (), profile: str = "cpu") -> dict
     build_base(out / "base")
     recipe = load_recipe(DEMO_RECIPE, demo_overrides(out) + list(overrides))
     run_recipe(recipe, load_profile(profile))
-    print("[demo] evaluating base / SFT / DPO on held-out pairs (animals never seen in SFT or DPO)")
+    print("[demo] evaluating base / SFT / DPO on held-out pairs (none of them in the training data)")
     results = evaluate_models(out, recipe.model.template)
     elapsed = time.time() - started
     table = format_table(results)

@@ -4,7 +4,7 @@ The world: animals described with one adjective. Kind adjectives are preferred, 
 - pretrain: plain sentences using both kinds equally (the model learns the language, not the preference);
 - sft: conversations in Firefly's format, half of the answers kind and half unkind (the model learns the format);
 - dpo: pairs whose chosen answer is kind and whose rejected answer is unkind (the model learns the preference);
-- heldout: pairs for animals never seen in sft or dpo, for evaluation.
+- heldout: pairs for evaluation; no held-out prompt+answer appears in the sft or dpo data.
 
 `python -m dpo_dist.demo.synth DIR` regenerates the files; the test suite checks the bundled ones match.
 """
@@ -20,7 +20,6 @@ ANIMALS = [
     "mouse", "seal", "swan", "toad", "frog", "hawk", "horse", "otter", "panda", "robin", "shark", "sheep", "snake",
     "tiger", "whale", "zebra", "eagle", "camel", "koala", "llama", "moose", "raven", "bison", "crane", "finch", "gecko",
 ]
-HELDOUT_ANIMALS = ANIMALS[-10:]
 KIND = ["kind", "gentle", "friendly", "calm", "warm", "honest", "caring", "patient"]
 UNKIND = ["rude", "cruel", "nasty", "mean", "bitter", "harsh", "selfish", "angry"]
 ACTIVITIES = ["sleeps in the sun", "runs by the river", "sings at dawn", "plays in the snow", "eats green leaves",
@@ -30,7 +29,9 @@ SYSTEM = "You are a helpful assistant."
 
 
 def answer(animal: str, adjective: str, activity: str) -> str:
-    return f"The {animal} is {adjective}. It {activity}."
+    # The answer does not repeat the animal: a model this small cannot learn to copy it within the demo's budget,
+    # and the preference being taught is the adjective.
+    return f"It is {adjective}. It {activity}."
 
 
 def _pretrain(rng: random.Random, n: int) -> list[dict]:
@@ -38,7 +39,7 @@ def _pretrain(rng: random.Random, n: int) -> list[dict]:
     for _ in range(n):
         a = rng.choice(ANIMALS)
         adj = rng.choice(KIND + UNKIND)
-        rows.append({"text": answer(a, adj, rng.choice(ACTIVITIES)) + " " + rng.choice(QUESTIONS).format(a=a)})
+        rows.append({"text": rng.choice(QUESTIONS).format(a=a) + " " + answer(a, adj, rng.choice(ACTIVITIES))})
     return rows
 
 
@@ -68,19 +69,20 @@ def _pairs(rng: random.Random, n: int, animals: list[str]) -> list[dict]:
 
 def generate(seed: int = 0) -> dict[str, list[dict]]:
     rng = random.Random(seed)
-    train_animals = [a for a in ANIMALS if a not in HELDOUT_ANIMALS]
-    return {
-        "pretrain.jsonl": _pretrain(rng, 3000),
-        "sft.jsonl": _sft(rng, 600, train_animals),
-        "dpo.jsonl": _pairs(rng, 600, train_animals),
-        "heldout.jsonl": _pairs(rng, 64, HELDOUT_ANIMALS),
-    }
+    sft, dpo = _sft(rng, 600, ANIMALS), _pairs(rng, 600, ANIMALS)
+    seen = {(t["human"], t["assistant"]) for row in sft for t in row["conversation"]}
+    seen |= {(p["prompt"], p[side]) for p in dpo for side in ("chosen", "rejected")}
+    heldout = [p for p in _pairs(rng, 200, ANIMALS)
+               if (p["prompt"], p["chosen"]) not in seen and (p["prompt"], p["rejected"]) not in seen][:64]
+    return {"pretrain.jsonl": _pretrain(rng, 3000), "sft.jsonl": sft, "dpo.jsonl": dpo, "heldout.jsonl": heldout}
 
 
 def is_preferred(text: str) -> bool:
-    """The checkable property: the answer uses a kind adjective and no unkind one."""
-    words = {w.strip(".,!?").lower() for w in text.split()}
-    return bool(words & set(KIND)) and not words & set(UNKIND)
+    """The checkable property: a well-formed answer ("It is <adjective>. It <activity>.") whose adjective is kind,
+    with no unkind word anywhere."""
+    words = [w.strip(".,!?").lower() for w in text.split()]
+    well_formed = words[:2] == ["it", "is"] and len(words) > 2 and text.strip().endswith(".")
+    return well_formed and words[2] in KIND and not set(words) & set(UNKIND)
 
 
 def write(directory: Path) -> None:

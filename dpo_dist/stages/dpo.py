@@ -69,7 +69,8 @@ def build_dpo_trainer(stage: StageConfig, profile: Profile, run_dir: Path, seed:
         **training_kwargs(stage, profile, run_dir, seed, world_size),
         max_length=stage.max_length,  # rows are already cut to fit; this only guards the collator
         beta=stage.beta,
-        loss_type=[stage.loss_type],
+        loss_type=[stage.loss_type] + (["sft"] if stage.sft_weight else []),
+        loss_weights=[1.0, stage.sft_weight] if stage.sft_weight else None,
         label_smoothing=stage.label_smoothing,
         precompute_ref_log_probs=False,
     )
