@@ -49,12 +49,16 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        errors = []
+        for option in get_args(tp):
+            # A mapping given for an optional dataclass (`method: {...}` on a stage) is that dataclass or an
+            # error: keep its own message (unknown key + suggestion, value range) rather than a generic one.
+            if isinstance(value, dict) and dataclasses.is_dataclass(option):
+                return _convert(value, option, key)
         for option in get_args(tp):
             try:
                 return _convert(value, option, key)
-            except ConfigError as err:
-                errors.append(err)
+            except ConfigError:
+                pass
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if tp is type(None):
         if value is None:

@@ -91,6 +91,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
 
     # ---- trainer --------------------------------------------------------------------------------------------------
     callbacks = [MetricsLogger(run_dir / "metrics.jsonl")]
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # read by transformers' TB callback
     build = build_dpo_trainer if kind == "dpo" else build_sft_trainer
     trainer = build(stage, profile, run_dir, recipe.seed, world_size(), model, tokenizer, train.dataset,
                     evaluation.dataset if evaluation else None, peft_config, callbacks)

@@ -1,0 +1,29 @@
+# Two commands from a fresh clone: `make demo` (the main job) and `make test` (the test suite).
+# Both create .venv first. On a machine without an NVIDIA GPU, torch comes as the CPU build.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: demo test install clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	python3 -m venv $(VENV)
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "NVIDIA GPU found: installing the CUDA build of torch"; $(PIP) install "torch>=2.4"; \
+	else \
+		echo "no NVIDIA GPU: installing the CPU build of torch $(TORCH_VERSION)"; $(PIP) install "torch==$(TORCH_VERSION)"; \
+	fi
+	$(PIP) install -e ".[test,tensorboard]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/dpo-dist demo --out demo-out
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) demo-out

@@ -1,0 +1,138 @@
+"""End to end on CPU: a tiny Qwen2 trains through recipe → data → model → trainer, then the files, the metrics
+and a resume are checked."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpo_dist.profiles import Profile
+from dpo_dist.recipe import recipe_from_dict
+from dpo_dist.stages.common import read_metrics
+from dpo_dist.train import run_recipe
+from tests.conftest import write_jsonl
+
+pytestmark = pytest.mark.e2e
+PROFILE = Profile(name="test", micro_batch_size=2, precision="fp32", attn_implementation="sdpa")
+DPO_KEYS = {"loss", "grad_norm", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+            "rewards/margins", "logps/chosen", "logps/rejected", "tokens_per_s"}
+
+
+@pytest.fixture
+def data(tmp_path):
+    sft = write_jsonl(tmp_path / "sft.jsonl", [
+        {"conversation": [{"human": f"Tell me about the fox {i}.", "assistant": "It is kind. It sleeps."}]}
+        for i in range(16)])
+    dpo = write_jsonl(tmp_path / "dpo.jsonl", [
+        {"prompt": f"Describe the owl {i}.", "chosen": "It is calm.", "rejected": "It is rude."} for i in range(16)])
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "The fox is kind. It sleeps in the sun."}] * 40)
+    return {"sft": str(sft), "dpo": str(dpo), "pretrain": str(text)}
+
+
+def make_recipe(base, out, stages, data, method="lora", **extra):
+    stage_list = [{"stage": s, "data": {"train": data[s]}, "max_length": 48,
+                   **({"max_prompt_length": 24} if s == "dpo" else {})} for s in stages]
+    return recipe_from_dict({
+        "name": "t", "model": {"name_or_path": str(base), "template": "qwen"},
+        "method": {"type": method, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+        "train": {"learning_rate": 1e-3, "global_batch_size": 4, "max_steps": 4, "logging_steps": 1,
+                  "save_steps": 2, "save_total_limit": 3, "lr_scheduler": "constant"},
+        "output_dir": str(out), "stages": stage_list, **extra})
+
+
+def test_sft_lora_writes_adapter_metrics_summary_and_resumes(tiny_base, tmp_path, data):
+    recipe = make_recipe(tiny_base, tmp_path / "run", ["sft"], data)
+    (result,) = run_recipe(recipe, PROFILE, log=lambda *_: None)
+    run = result.run_dir
+    for name in ("recipe.yaml", "metrics.jsonl", "summary.json", "data_report.json",
+                 "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer.json"):
+        assert (run / name).is_file(), name
+    metrics = [m for m in read_metrics(run) if "loss" in m]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all({"loss", "grad_norm", "learning_rate", "tokens_per_s"} <= m.keys() for m in metrics)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["global_step"] == 4 and summary["data"]["rows"] == 16 and summary["method"] == "lora"
+    adapter = load_file(run / "adapter/adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())  # it trained
+    assert not any("lm_head" in k for k in adapter)  # all linear layers except the output layer
+    assert {p.name for p in (run / "checkpoints").glob("checkpoint-*")} == {"checkpoint-2", "checkpoint-4"}
+
+    # Resume from checkpoint-2 (as after a crash): the same final adapter, the same step-3/4 losses.
+    import shutil
+    shutil.rmtree(run / "checkpoints" / "checkpoint-4")
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    (resumed,) = run_recipe(recipe, PROFILE, resume=True, log=lambda *_: None)
+    again = load_file(run / "adapter/adapter_model.safetensors")
+    for key in adapter:
+        torch.testing.assert_close(again[key], adapter[key], rtol=1e-5, atol=1e-6)
+    after = [m for m in read_metrics(run) if "loss" in m]
+    assert [m["step"] for m in after] == [1, 2, 3, 4]
+    for a, b in zip(after[2:], metrics[2:]):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5)
+
+
+def test_pretrain_full_packs_text_and_saves_a_model(tiny_base, tmp_path, data):
+    recipe = make_recipe(tiny_base, tmp_path / "run", ["pretrain"], data, method="full")
+    (result,) = run_recipe(recipe, PROFILE, log=lambda *_: None)
+    assert (result.output / "model.safetensors").is_file() and (result.output / "config.json").is_file()
+    report = json.loads((result.run_dir / "data_report.json").read_text())["train"]
+    assert report["rows"] == 40 and report["examples"] == math.ceil(report["tokens"] / 48)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_dpo_trains_and_logs_preference_metrics(tiny_base, tmp_path, data, method):
+    recipe = make_recipe(tiny_base, tmp_path / "run", ["dpo"], data, method=method)
+    (result,) = run_recipe(recipe, PROFILE, log=lambda *_: None)
+    metrics = [m for m in read_metrics(result.run_dir) if "loss" in m]
+    assert len(metrics) == 4
+    assert all(DPO_KEYS <= m.keys() for m in metrics[1:]), metrics[1].keys()
+    first = metrics[0]  # step 1 is logged from the untrained adapter: policy == reference
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
+    assert math.isclose(first["loss"], math.log(2), abs_tol=1e-6)
+    assert metrics[-1]["rewards/margins"] > 0  # it learned the preference
+    assert (result.output / "adapter_model.safetensors").is_file()
+
+
+def test_qlora_loads_nf4_with_double_quant_and_storage_at_model_dtype(tiny_base):
+    import bitsandbytes as bnb
+
+    from dpo_dist.models import load_model
+    from dpo_dist.recipe import ModelConfig
+
+    model = load_model(ModelConfig(name_or_path=str(tiny_base)), "qlora", "fp32", "sdpa")
+    q = model.config.quantization_config
+    assert q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
+    assert q.bnb_4bit_compute_dtype == torch.float32 and q.bnb_4bit_quant_storage == torch.float32
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.weight.dtype == torch.float32 for m in layers)  # packed 4-bit in fp32 storage
+
+
+def test_simpo_loss_is_reference_free_and_trains(tiny_base, tmp_path, data):
+    recipe = make_recipe(tiny_base, tmp_path / "run", ["dpo"], data, **{})
+    recipe.stages[0].loss_type = "simpo"
+    (result,) = run_recipe(recipe, PROFILE, log=lambda *_: None)
+    metrics = [m for m in read_metrics(result.run_dir) if "loss" in m]
+    # Without a reference the step-1 rewards are β·mean log-probs, not 0, and the loss is not ln 2.
+    assert metrics[0]["rewards/chosen"] < 0 and not math.isclose(metrics[0]["loss"], math.log(2), abs_tol=1e-3)
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+
+
+def test_chained_sft_then_dpo_starts_from_the_merged_sft_model(tiny_base, tmp_path, data):
+    recipe = make_recipe(tiny_base, tmp_path / "run", ["sft", "dpo"], data)
+    sft, dpo = run_recipe(recipe, PROFILE, log=lambda *_: None)
+    merged = sft.run_dir / "merged"
+    assert sft.model_path == str(merged) and (merged / "model.safetensors").is_file()
+    assert (merged / "tokenizer.json").is_file()
+    assert json.loads((dpo.run_dir / "summary.json").read_text())["base"] == str(merged)
+    # The DPO reference is the SFT model: at step 1 the rewards are exactly 0 against it.
+    first = next(m for m in read_metrics(dpo.run_dir) if "loss" in m)
+    assert first["rewards/chosen"] == 0.0 and math.isclose(first["loss"], math.log(2), abs_tol=1e-6)
+    # The merged weights are the base plus the SFT adapter, not the base.
+    base = load_file(tiny_base / "model.safetensors")
+    merged_w = load_file(merged / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(base[key], merged_w[key])
