@@ -121,13 +121,13 @@ def test_second_run_reads_the_cache_and_does_no_tokenization(tokenizer, tmp_path
     def boom(*args, **kwargs):
         raise AssertionError("tokenized again")
 
-    monkeypatch.setattr(tk, "tokenize_sft", boom)
-    monkeypatch.setattr(tk, "read_source", boom)
-    second = prepare_dataset("sft", str(src), tokenizer, r, max_length=64, log=lambda *_: None)
+    with monkeypatch.context() as patch:  # scoped: the fixture's DPO_DIST_CACHE must stay in place
+        patch.setattr(tk, "tokenize_sft", boom)
+        patch.setattr(tk, "read_source", boom)
+        second = prepare_dataset("sft", str(src), tokenizer, r, max_length=64, log=lambda *_: None)
     assert second.from_cache
     assert second.dataset["input_ids"] == first.dataset["input_ids"]
     # A different length, template or file content is a different cache entry.
-    monkeypatch.undo()
     assert not prepare_dataset("sft", str(src), tokenizer, r, max_length=32, log=lambda *_: None).from_cache
     assert not prepare_dataset("sft", str(src), tokenizer, Renderer(tokenizer, "default"), max_length=64,
                                log=lambda *_: None).from_cache

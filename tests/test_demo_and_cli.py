@@ -1,0 +1,65 @@
+"""The main job (the demo) and the command line."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dpo_dist.demo import synth
+from dpo_dist.demo.build import DATA_DIR
+
+
+def test_bundled_demo_data_is_what_the_generator_writes(tmp_path):
+    synth.write(tmp_path)
+    for name in synth.generate():
+        assert (tmp_path / name).read_text() == (DATA_DIR / name).read_text(), name
+
+
+def test_demo_preference_is_checkable():
+    assert synth.is_preferred("It is kind. It sleeps in the sun.")
+    assert not synth.is_preferred("It is rude. It sleeps in the sun.")
+    assert not synth.is_preferred("kind kind kind")
+    rows = [json.loads(line) for line in (DATA_DIR / "dpo.jsonl").read_text().splitlines()]
+    assert all(synth.is_preferred(r["chosen"]) and not synth.is_preferred(r["rejected"]) for r in rows)
+
+
+@pytest.mark.e2e
+def test_demo_dpo_beats_sft(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "dpo_dist.cli", "demo", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "held-out pref. acc." in proc.stdout
+    results = json.loads((out / "demo_results.json").read_text())["results"]
+    sft, dpo = results["sft"], results["dpo"]
+    assert dpo["preference_accuracy"] >= sft["preference_accuracy"] + 0.2
+    assert dpo["generation_score"] >= sft["generation_score"] + 0.3
+    for stage in ("pretrain", "sft", "dpo"):
+        assert (out / stage / "metrics.jsonl").stat().st_size > 0
+        assert (out / stage / "summary.json").is_file()
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "dpo_dist.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_train_refuses_a_bad_recipe_before_loading_anything(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\nmodel: {name_or_path: nowhere}\nstages:\n  - stage: sft\n    data: {train: a.jsonl}\n"
+                      "    train: {learning_rat: 1.0e-4}\n")
+    proc = run_cli("train", str(recipe))
+    assert proc.returncode == 2
+    assert "stages[0].train.learning_rat: unknown key; did you mean 'stages[0].train.learning_rate'" in proc.stderr
+    proc = run_cli("train", str(recipe), "--profile", "cpu", "stages.0.train={fp16: true, bf16: true}")
+    assert proc.returncode == 2 and "fp16 and bf16" in proc.stderr
+
+
+def test_templates_command_lists_the_registry():
+    proc = run_cli("templates")
+    assert proc.returncode == 0
+    names = [line.split()[0] for line in proc.stdout.splitlines()]
+    for name in ("qwen", "chatml", "llama2", "llama3", "mistral", "mixtral", "gemma", "phi3", "yi", "deepseek",
+                 "minicpm", "zephyr", "vicuna", "baichuan2", "internlm2", "default"):
+        assert name in names
