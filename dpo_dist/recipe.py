@@ -135,6 +135,15 @@ class StageConfig:
             self.name = self.stage
         if self.max_length <= 1:
             raise ConfigError(f"{where}.max_length: must be > 1, got {self.max_length}")
+        from dpo_dist.data.formats import DPO_FORMATS, PRETRAIN_FORMATS, SFT_FORMATS
+
+        formats = {"sft": SFT_FORMATS, "dpo": DPO_FORMATS, "pretrain": PRETRAIN_FORMATS}[self.stage]
+        if self.data.format not in formats:
+            from dpo_dist.schema import closest
+
+            hint = closest(self.data.format, formats)
+            raise ConfigError(f"{where}.data.format: {self.data.format!r} is not a {self.stage} format "
+                              f"({', '.join(formats)})" + (f"; did you mean {hint!r}?" if hint else ""))
         if self.stage == "dpo":
             if self.beta <= 0:
                 raise ConfigError(f"{where}.beta: must be positive, got {self.beta}")

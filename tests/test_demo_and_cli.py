@@ -54,6 +54,8 @@ def test_train_refuses_a_bad_recipe_before_loading_anything(tmp_path):
     assert "stages[0].train.learning_rat: unknown key; did you mean 'stages[0].train.learning_rate'" in proc.stderr
     proc = run_cli("train", str(recipe), "--profile", "cpu", "stages.0.train={fp16: true, bf16: true}")
     assert proc.returncode == 2 and "fp16 and bf16" in proc.stderr
+    proc = run_cli("train", str(recipe), "stages.0.train={}", "stages.0.data.format=fierfly")
+    assert proc.returncode == 2 and "stages[0].data.format: 'fierfly'" in proc.stderr and "'firefly'" in proc.stderr
 
 
 def test_templates_command_lists_the_registry():
