@@ -25,8 +25,7 @@ def summed_logps(model, batch) -> torch.Tensor:
     return (logp * mask[:, 1:]).sum(-1)
 
 
-@pytest.fixture
-def trainer(tiny_base, tmp_path):
+def make_trainer(tiny_base, tmp_path, method="lora"):
     src = write_jsonl(tmp_path / "dpo.jsonl", [
         {"prompt": f"Describe the owl {i}.", "chosen": "It is calm.", "rejected": "It is rude."} for i in range(16)])
     tok = AutoTokenizer.from_pretrained(tiny_base)
@@ -35,10 +34,15 @@ def trainer(tiny_base, tmp_path):
                         train=TrainConfig(learning_rate=1e-2, global_batch_size=4, max_steps=3, logging_steps=1,
                                           save_steps=100, lr_scheduler="constant"))
     stage.check("stages[0]")
-    model = load_model(ModelConfig(name_or_path=str(tiny_base)), "lora", "fp32", "sdpa")
-    peft = lora_config(MethodConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0))
+    model = load_model(ModelConfig(name_or_path=str(tiny_base)), method, "fp32", "sdpa")
+    peft = lora_config(MethodConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0)) if method != "full" else None
     profile = Profile(name="t", micro_batch_size=4, precision="fp32", attn_implementation="sdpa")
     return build_dpo_trainer(stage, profile, tmp_path / "run", 0, 1, model, tok, ds, None, peft, [])
+
+
+@pytest.fixture
+def trainer(tiny_base, tmp_path):
+    return make_trainer(tiny_base, tmp_path)
 
 
 def test_reference_is_the_adapter_disabled_base(trainer, tiny_base):
@@ -73,3 +77,14 @@ def test_trainer_holds_one_copy_of_the_base_weights(trainer, tiny_base):
     seen = {id(m) for m in trainer.model.modules()}
     others = [v for v in vars(trainer).values() if isinstance(v, torch.nn.Module) and id(v) not in seen]
     assert not others
+
+
+def test_full_parameter_dpo_loads_a_frozen_reference(tiny_base, tmp_path):
+    trainer = make_trainer(tiny_base, tmp_path, method="full")
+    ref = trainer.ref_model
+    assert ref is not None and not any(p.requires_grad for p in ref.parameters())
+    policy_ptrs = {p.data_ptr() for p in trainer.model.parameters()}
+    assert not policy_ptrs & {p.data_ptr() for p in ref.parameters()}  # a separate copy, as full DPO needs
+    before = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    trainer.train()
+    assert all(torch.equal(before[n], p) for n, p in ref.named_parameters())

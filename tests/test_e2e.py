@@ -94,7 +94,9 @@ def test_dpo_trains_and_logs_preference_metrics(tiny_base, tmp_path, data, metho
     assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
     assert math.isclose(first["loss"], math.log(2), abs_tol=1e-6)
     assert metrics[-1]["rewards/margins"] > 0  # it learned the preference
-    assert (result.output / "adapter_model.safetensors").is_file()
+    adapter = load_file(result.output / "adapter_model.safetensors")
+    # trl stores QLoRA adapters in bf16; dpo_dist.models.cast_trainable keeps them at the fp32 precision.
+    assert adapter and all(t.dtype == torch.float32 for t in adapter.values())
 
 
 def test_qlora_loads_nf4_with_double_quant_and_storage_at_model_dtype(tiny_base):
@@ -136,3 +138,13 @@ def test_chained_sft_then_dpo_starts_from_the_merged_sft_model(tiny_base, tmp_pa
     merged_w = load_file(merged / "model.safetensors")
     key = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(base[key], merged_w[key])
+    # Merged logits equal base + adapter logits.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[1, 5, 9, 40, 77, 2]])
+    with torch.no_grad():
+        merged_logits = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(ids).logits
+        with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32),
+                                                 str(sft.output))(ids).logits
+    torch.testing.assert_close(merged_logits, with_adapter, rtol=1e-4, atol=1e-4)

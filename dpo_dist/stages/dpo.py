@@ -74,7 +74,7 @@ def build_dpo_trainer(stage: StageConfig, profile: Profile, run_dir: Path, seed:
         label_smoothing=stage.label_smoothing,
         precompute_ref_log_probs=False,
     )
-    return PretokenizedDPOTrainer(
+    trainer = PretokenizedDPOTrainer(
         model=model,
         ref_model=ref_model,
         args=args,
@@ -85,3 +85,6 @@ def build_dpo_trainer(stage: StageConfig, profile: Profile, run_dir: Path, seed:
         callbacks=callbacks,
         simpo_gamma=stage.simpo_gamma,
     )
+    if trainer.ref_model is not None:  # full-parameter DPO: trl runs it under no_grad but leaves it trainable
+        trainer.ref_model.requires_grad_(False)
+    return trainer
