@@ -65,8 +65,8 @@ def quantization_config(precision: str):
     )
 
 
-def load_model(cfg: ModelConfig, method: str, precision: str, attn_implementation: str = "auto", path: str | None = None):
-    """Load the base model. `path` replaces `cfg.name_or_path` (e.g. a previous stage's merged result)."""
+def load_model(cfg: ModelConfig, method: str, precision: str, attn_implementation: str = "auto"):
+    """Load the base model named by `cfg` for `method` (full | lora | qlora) at `precision`."""
     from transformers import AutoModelForCausalLM
 
     attn = pick_attn_implementation(attn_implementation, precision)
@@ -74,20 +74,20 @@ def load_model(cfg: ModelConfig, method: str, precision: str, attn_implementatio
         dtype=model_dtype(method, precision),
         attn_implementation=attn,
         trust_remote_code=cfg.trust_remote_code,
-        revision=cfg.revision if path is None else None,
+        revision=cfg.revision,
     )
     if method == "qlora":
         kwargs["quantization_config"] = quantization_config(precision)
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path or cfg.name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
     except ValueError as err:
         if attn_implementation != "auto" or attn == "eager" or "attention" not in str(err).lower():
             raise
-        log.warning("%s does not support %s attention; falling back to eager", path or cfg.name_or_path, attn)
+        log.warning("%s does not support %s attention; falling back to eager", cfg.name_or_path, attn)
         kwargs["attn_implementation"] = "eager"
-        model = AutoModelForCausalLM.from_pretrained(path or cfg.name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
     model.config.use_cache = False
     return model
 

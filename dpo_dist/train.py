@@ -10,7 +10,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -65,8 +65,10 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     # ---- tokenizer & data ---------------------------------------------------------------------------------------
-    tokenizer = load_tokenizer(recipe.model if base_path == recipe.model.name_or_path
-                               else _with_path(recipe.model, base_path))
+    # A chained stage loads the previous stage's result; revision and tokenizer refer to the original only.
+    model_cfg = recipe.model if base_path == recipe.model.name_or_path else replace(
+        recipe.model, name_or_path=base_path, tokenizer=None, revision=None)
+    tokenizer = load_tokenizer(model_cfg)
     renderer = Renderer(tokenizer, recipe.model.template)
     kind = stage.stage
     data = stage.data
@@ -86,7 +88,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
 
     # ---- model ----------------------------------------------------------------------------------------------------
     set_seed(recipe.seed)  # adapters are initialised randomly: same seed, same start
-    model = load_model(recipe.model, method, precision, profile.attn_implementation, path=base_path)
+    model = load_model(model_cfg, method, precision, profile.attn_implementation)
     peft_config = lora_config(method_cfg) if method in ("lora", "qlora") else None
 
     # ---- trainer --------------------------------------------------------------------------------------------------
@@ -138,12 +140,6 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
     if is_main_process():
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return StageResult(stage.name, run_dir, output, model_path, summary)
-
-
-def _with_path(model_cfg, path: str):
-    from dataclasses import replace
-
-    return replace(model_cfg, name_or_path=path, tokenizer=None, revision=None)
 
 
 def _last_train_log(history: list[dict]) -> dict:
