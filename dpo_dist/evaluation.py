@@ -11,25 +11,18 @@ from dpo_dist.data.tokenize import tokenize_dpo
 def sequence_logps(model, tokenizer, renderer: Renderer, rows: list[dict], max_length: int = 512,
                    batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of each row's chosen and rejected response given its prompt (DPO tokenization)."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
     model.eval()
+    collate = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)  # the training batch layout
     chosen, rejected = [], []
     encoded = [tokenize_dpo(r, tokenizer, renderer, max_length, max_length // 2) for r in rows]
     for start in range(0, len(encoded), batch_size):
-        batch = encoded[start : start + batch_size]
-        seqs, masks = [], []
-        for side in ("chosen_ids", "rejected_ids"):
-            for e in batch:
-                seqs.append(e["prompt_ids"] + e[side])
-                masks.append([0] * len(e["prompt_ids"]) + [1] * len(e[side]))
-        width = max(map(len, seqs))
-        pad = tokenizer.pad_token_id
-        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
-        attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-        comp = torch.tensor([m + [0] * (width - len(m)) for m in masks])
-        logits = model(input_ids=ids.to(model.device), attention_mask=attn.to(model.device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(model.device)).squeeze(-1)
-        seq = (logp * comp[:, 1:].to(model.device)).sum(-1).cpu()
-        c, r = seq.chunk(2)
+        batch = {k: v.to(model.device) for k, v in collate(encoded[start : start + batch_size]).items()}
+        ids, comp = batch["input_ids"], batch["completion_mask"]
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        c, r = (logp * comp[:, 1:]).sum(-1).cpu().chunk(2)  # the batch is [chosen..., rejected...]
         chosen.append(c)
         rejected.append(r)
     return torch.cat(chosen), torch.cat(rejected)

@@ -130,6 +130,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
         "precision": precision,
         "base": base_path,
         "output": str(output),
+        "model_path": model_path,  # what a chained next stage loads
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss,
         "train_runtime_s": round(time.time() - started, 2),
@@ -160,8 +161,7 @@ def run_recipe(recipe: Recipe, profile: Profile, only: str | None = None, resume
         if only and stage.name != only:
             done = run_dir / "summary.json"
             if recipe.chain and done.is_file():  # a finished earlier stage feeds the next one
-                prev = run_dir / "merged" if (run_dir / "merged").is_dir() else run_dir / "model"
-                base = str(prev) if prev.is_dir() else base
+                base = json.loads(done.read_text())["model_path"]
             continue
         log(f"[train] stage {i + 1}/{len(recipe.stages)}: {stage.name} ({stage.stage}, {recipe.method_of(stage).type}) "
             f"from {base} → {run_dir}")

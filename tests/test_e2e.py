@@ -148,3 +148,6 @@ def test_chained_sft_then_dpo_starts_from_the_merged_sft_model(tiny_base, tmp_pa
         with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32),
                                                  str(sft.output))(ids).logits
     torch.testing.assert_close(merged_logits, with_adapter, rtol=1e-4, atol=1e-4)
+    # Re-running only the DPO stage starts from the finished SFT stage's recorded result.
+    (again,) = run_recipe(recipe, PROFILE, only="dpo", log=lambda *_: None)
+    assert again.summary["base"] == str(merged)

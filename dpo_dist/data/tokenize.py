@@ -157,7 +157,7 @@ def prepare_dataset(
     loaded: LoadResult = read_source(source, kind, fmt=fmt, on_bad_row=on_bad_row, split=split)
     log(f"[data] {loaded.summary()}")
     rows = loaded.rows[:max_rows] if max_rows else loaded.rows
-    raw = Dataset.from_list([{k: v for k, v in r.items()} for r in rows])
+    raw = Dataset.from_list(rows)
     nproc = _num_proc(num_proc, len(rows))
     common = dict(num_proc=nproc, desc=f"Tokenizing {Path(source).name} ({kind})")
     if kind == "sft":
