@@ -2,11 +2,26 @@
 from __future__ import annotations
 
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@contextmanager
+def _zero3_off():
+    """A ZeRO-3 run leaves transformers' global DeepSpeed config set, so from_pretrained would partition the base
+    across ranks (a collective) while only rank 0 merges, and hang. Load it whole, then restore the setting."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def merge_adapter(base: str, adapter: str | Path, out: str | Path, dtype: str = "bf16",
@@ -20,8 +35,9 @@ def merge_adapter(base: str, adapter: str | Path, out: str | Path, dtype: str = 
     adapter, out = Path(adapter), Path(out)
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter}: no adapter_config.json; expected a saved LoRA adapter directory")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code)
-    model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    with _zero3_off():
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code)
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, max_shard_size=max_shard_size)

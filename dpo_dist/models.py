@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 
 import torch
 
@@ -65,11 +66,7 @@ def quantization_config(precision: str):
     )
 
 
-def load_model(cfg: ModelConfig, method: str, precision: str, attn_implementation: str = "auto"):
-    """Load the base model named by `cfg` for `method` (full | lora | qlora) at `precision`."""
-    from transformers import AutoModelForCausalLM
-
-    attn = pick_attn_implementation(attn_implementation, precision)
+def load_kwargs(cfg: ModelConfig, method: str, precision: str, attn: str, sharded: bool, cuda: bool) -> dict:
     kwargs = dict(
         dtype=model_dtype(method, precision),
         attn_implementation=attn,
@@ -78,8 +75,22 @@ def load_model(cfg: ModelConfig, method: str, precision: str, attn_implementatio
     )
     if method == "qlora":
         kwargs["quantization_config"] = quantization_config(precision)
-        if torch.cuda.is_available():
-            kwargs["device_map"] = {"": torch.cuda.current_device()}
+        # bitsandbytes quantizes on the device it loads to: this rank's GPU. FSDP and ZeRO-3 place (and shard)
+        # the weights themselves, and refuse a model already dispatched by a device_map.
+        if cuda and not sharded:
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return kwargs
+
+
+def load_model(cfg: ModelConfig, method: str, precision: str, attn_implementation: str = "auto",
+               sharded: bool = False):
+    """Load the base model named by `cfg` for `method` (full | lora | qlora) at `precision`.
+
+    `sharded`: FSDP or ZeRO-3 will shard the model, so it is loaded without a device_map."""
+    from transformers import AutoModelForCausalLM
+
+    attn = pick_attn_implementation(attn_implementation, precision)
+    kwargs = load_kwargs(cfg, method, precision, attn, sharded, torch.cuda.is_available())
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
     except ValueError as err:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from dpo_dist.backends import Backend, Launch, check_run, init_process_group, resolve, trainer_overrides
 from dpo_dist.profiles import Profile, load_profile
 from dpo_dist.recipe import Recipe, StageConfig, load_recipe
 from dpo_dist.schema import ConfigError
@@ -27,6 +28,7 @@ class StageResult:
     output: Path  # adapter/ or model/
     model_path: str  # what a following stage loads: merged/ or model/ (or the base when nothing was trained)
     summary: dict
+    trainer: object = None  # the live trainer (sharded model included); None once released
 
 
 def world_size() -> int:
@@ -43,23 +45,36 @@ def _latest_checkpoint(run_dir: Path) -> str | None:
 
 
 def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: str, run_dir: Path,
-              resume: bool = False, has_next: bool = False, log=print) -> StageResult:
+              resume: bool = False, has_next: bool = False, log=print, backend: Backend | None = None,
+              keep_trainer: bool = False) -> StageResult:
+    from accelerate import PartialState
+    from transformers import set_seed
+
     from dpo_dist.data.render import Renderer
     from dpo_dist.data.tokenize import prepare_dataset
     from dpo_dist.merge import merge_adapter
     from dpo_dist.models import adapter_dtype, cast_trainable, load_model, load_tokenizer, lora_config
-    from dpo_dist.stages.common import MetricsLogger, precision_of
-    from dpo_dist.stages.dpo import build_dpo_trainer
-    from dpo_dist.stages.sft import build_sft_trainer
-    from transformers import set_seed
-    from accelerate import PartialState
+    from dpo_dist.stages.common import MetricsLogger, model_facts, precision_of, save_trained
+    from dpo_dist.stages.dpo import build_dpo_trainer, dpo_args
+    from dpo_dist.stages.sft import build_sft_trainer, sft_args
 
     started = time.time()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    backend = backend or resolve(profile, Launch.from_env())
     precision = precision_of(stage, profile)
     method_cfg = recipe.method_of(stage)
     method = method_cfg.type
-    if is_main_process():
+    kind = stage.stage
+
+    # ---- arguments ------------------------------------------------------------------------------------------------
+    # Built before the model: under ZeRO-3 they make from_pretrained load each rank's shard only.
+    checkpointing = (stage.train.gradient_checkpointing if profile.gradient_checkpointing is None
+                     else profile.gradient_checkpointing)
+    overrides = trainer_overrides(profile, backend, checkpointing, peft=method != "full")
+    args = (dpo_args if kind == "dpo" else sft_args)(stage, profile, run_dir, recipe.seed, world_size(), overrides)
+    init_process_group(backend, Launch.from_env())
+    state = PartialState(cpu=overrides["use_cpu"])
+    if state.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         if not resume:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -70,33 +85,33 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
         recipe.model, name_or_path=base_path, tokenizer=None, revision=None)
     tokenizer = load_tokenizer(model_cfg)
     renderer = Renderer(tokenizer, recipe.model.template)
-    kind = stage.stage
     data = stage.data
 
     def prepare(source):
         return prepare_dataset(kind, source, tokenizer, renderer, max_length=stage.max_length,
                                max_prompt_length=stage.max_prompt_length, fmt=data.format,
                                on_bad_row=data.on_bad_row, split=data.split, max_rows=data.max_rows,
-                               num_proc=data.num_proc, log=log)
+                               num_proc=data.num_proc, log=log if state.is_main_process else _quiet)
 
-    with PartialState().main_process_first():  # rank 0 tokenizes; the others read its cache
+    with state.main_process_first():  # rank 0 tokenizes; the others read its cache
         train = prepare(data.train)
         evaluation = prepare(data.eval) if data.eval else None
-    if is_main_process():
+    if state.is_main_process:
         report = {"train": train.report, "eval": evaluation.report if evaluation else None}
         (run_dir / "data_report.json").write_text(json.dumps(report, indent=1))
 
     # ---- model ----------------------------------------------------------------------------------------------------
-    set_seed(recipe.seed)  # adapters are initialised randomly: same seed, same start
-    model = load_model(model_cfg, method, precision, profile.attn_implementation)
+    set_seed(recipe.seed)  # adapters are initialised randomly: same seed, same start on every rank and profile
+    model = load_model(model_cfg, method, precision, profile.attn_implementation,
+                       sharded=backend.kind in ("fsdp", "deepspeed"))
     peft_config = lora_config(method_cfg) if method in ("lora", "qlora") else None
 
     # ---- trainer --------------------------------------------------------------------------------------------------
     callbacks = [MetricsLogger(run_dir / "metrics.jsonl")]
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # read by transformers' TB callback
     build = build_dpo_trainer if kind == "dpo" else build_sft_trainer
-    trainer = build(stage, profile, run_dir, recipe.seed, world_size(), model, tokenizer, train.dataset,
-                    evaluation.dataset if evaluation else None, peft_config, callbacks)
+    trainer = build(stage, args, model, tokenizer, train.dataset, evaluation.dataset if evaluation else None,
+                    peft_config, callbacks)
     if peft_config is not None:
         # trl stores QLoRA adapters in bf16 regardless of precision; keep them in one dtype that the precision
         # can train (fp16's gradient scaler refuses half-precision master weights).
@@ -110,7 +125,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
 
     # ---- save -----------------------------------------------------------------------------------------------------
     output = run_dir / ("adapter" if peft_config is not None else "model")
-    trainer.save_model(str(output))
+    save_trained(trainer, output, peft=peft_config is not None)
     model_path = str(output)
     if is_main_process():
         tokenizer.save_pretrained(str(output))
@@ -129,6 +144,10 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
         "method": method,
         "precision": precision,
         "base": base_path,
+        "backend": backend.kind,
+        "world_size": world_size(),
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "model": model_facts(trainer.model),
         "output": str(output),
         "model_path": model_path,  # what a chained next stage loads
         "global_step": trainer.state.global_step,
@@ -140,7 +159,11 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
     }
     if is_main_process():
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    return StageResult(stage.name, run_dir, output, model_path, summary)
+    return StageResult(stage.name, run_dir, output, model_path, summary, trainer if keep_trainer else None)
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    pass
 
 
 def _last_train_log(history: list[dict]) -> dict:
@@ -151,7 +174,13 @@ def _last_train_log(history: list[dict]) -> dict:
 
 
 def run_recipe(recipe: Recipe, profile: Profile, only: str | None = None, resume: bool = False,
-               log=print) -> list[StageResult]:
+               log=print, backend: Backend | None = None, keep_trainer: bool = False) -> list[StageResult]:
+    if backend is None:
+        launch = Launch.from_env()
+        backend = resolve(profile, launch)
+        check_run(recipe, profile, launch, backend)
+    if not is_main_process():
+        log = _quiet
     results: list[StageResult] = []
     base = recipe.model.name_or_path
     out = Path(recipe.output_dir)
@@ -165,7 +194,8 @@ def run_recipe(recipe: Recipe, profile: Profile, only: str | None = None, resume
             continue
         log(f"[train] stage {i + 1}/{len(recipe.stages)}: {stage.name} ({stage.stage}, {recipe.method_of(stage).type}) "
             f"from {base} → {run_dir}")
-        result = run_stage(recipe, stage, profile, base, run_dir, resume=resume, has_next=has_next, log=log)
+        result = run_stage(recipe, stage, profile, base, run_dir, resume=resume, has_next=has_next, log=log,
+                           backend=backend, keep_trainer=keep_trainer)
         results.append(result)
         if recipe.chain:
             base = result.model_path
@@ -179,16 +209,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", help="launch profile name (launch/*.yaml) or path")
     parser.add_argument("--stage", help="run only this stage (earlier chained stages must have finished)")
     parser.add_argument("--resume", action="store_true", help="resume each stage from its latest checkpoint")
+    parser.add_argument("--deepspeed", help="ZeRO JSON (configs/deepspeed/*.json); default: the profile's")
+    # The deepspeed launcher appends --local_rank=N; the rank is read from the environment instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_intermixed_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         profile = load_profile(args.profile)
         if args.stage and args.stage not in [s.name for s in recipe.stages]:
             raise ConfigError(f"--stage {args.stage}: no such stage; stages are {[s.name for s in recipe.stages]}")
+        launch = Launch.from_env()
+        backend = resolve(profile, launch, args.deepspeed)
+        check_run(recipe, profile, launch, backend)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    run_recipe(recipe, profile, only=args.stage, resume=args.resume)
+    run_recipe(recipe, profile, only=args.stage, resume=args.resume, backend=backend)
     return 0
 
 

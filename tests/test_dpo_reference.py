@@ -12,7 +12,7 @@ from dpo_dist.data.tokenize import prepare_dataset
 from dpo_dist.models import load_model, lora_config
 from dpo_dist.profiles import Profile
 from dpo_dist.recipe import DataConfig, MethodConfig, ModelConfig, StageConfig, TrainConfig
-from dpo_dist.stages.dpo import build_dpo_trainer
+from dpo_dist.stages.dpo import build_dpo_trainer, dpo_args
 from tests.conftest import write_jsonl
 
 pytestmark = pytest.mark.e2e
@@ -37,7 +37,8 @@ def make_trainer(tiny_base, tmp_path, method="lora"):
     model = load_model(ModelConfig(name_or_path=str(tiny_base)), method, "fp32", "sdpa")
     peft = lora_config(MethodConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0)) if method != "full" else None
     profile = Profile(name="t", micro_batch_size=4, precision="fp32", attn_implementation="sdpa")
-    return build_dpo_trainer(stage, profile, tmp_path / "run", 0, 1, model, tok, ds, None, peft, [])
+    args = dpo_args(stage, profile, tmp_path / "run", 0, 1)
+    return build_dpo_trainer(stage, args, model, tok, ds, None, peft, [])
 
 
 @pytest.fixture

@@ -89,3 +89,40 @@ class MetricsLogger(TrainerCallback):
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def save_trained(trainer, out: Path, peft: bool) -> None:
+    """Write the complete adapter (or model) to `out`, whichever backend sharded it. Collective: call on every rank."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if plugin is None or "FULL_STATE_DICT" in str(plugin.state_dict_type):
+        trainer.save_model(str(out))  # single, DDP, ZeRO-3 (gathers 16-bit weights) and FSDP full state dicts
+        return
+    # FSDP with a sharded state dict: Trainer.save_model writes nothing. Gather the adapter alone (not the 4-bit
+    # base) from its shards, or the whole model for full-parameter training.
+    if peft:
+        state = {}
+        for name, param in trainer.model.named_parameters():
+            if param.requires_grad:
+                full = param.full_tensor() if hasattr(param, "full_tensor") else param
+                state[name.replace("_checkpoint_wrapped_module.", "")] = full.detach().cpu()
+    else:
+        state = trainer.accelerator.get_state_dict(trainer.model)
+    if trainer.accelerator.is_main_process:
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(out), state_dict=state)
+
+
+def model_facts(model) -> dict:
+    """Parameter counts and dtypes as this rank holds them: what the summary reports about the trained model."""
+    total = trainable = 0
+    dtypes, quantized = set(), 0
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit":
+            quantized += 1
+    for param in model.parameters():
+        n = param.numel()
+        total += n
+        if param.requires_grad:
+            trainable += n
+            dtypes.add(str(param.dtype).replace("torch.", ""))
+    return {"params_on_rank": total, "trainable_on_rank": trainable, "trainable_dtypes": sorted(dtypes),
+            "linear4bit_modules": quantized}

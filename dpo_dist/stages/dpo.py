@@ -63,10 +63,10 @@ class PretokenizedDPOTrainer(DPOTrainer):
         return loss
 
 
-def build_dpo_trainer(stage: StageConfig, profile: Profile, run_dir: Path, seed: int, world_size: int,
-                      model, tokenizer, train_ds, eval_ds, peft_config, callbacks, ref_model=None):
-    args = DPOConfig(
-        **training_kwargs(stage, profile, run_dir, seed, world_size),
+def dpo_args(stage: StageConfig, profile: Profile, run_dir: Path, seed: int, world_size: int,
+             overrides: dict | None = None) -> DPOConfig:
+    return DPOConfig(
+        **{**training_kwargs(stage, profile, run_dir, seed, world_size), **(overrides or {})},
         max_length=stage.max_length,  # rows are already cut to fit; this only guards the collator
         beta=stage.beta,
         loss_type=[stage.loss_type] + (["sft"] if stage.sft_weight else []),
@@ -74,6 +74,10 @@ def build_dpo_trainer(stage: StageConfig, profile: Profile, run_dir: Path, seed:
         label_smoothing=stage.label_smoothing,
         precompute_ref_log_probs=False,
     )
+
+
+def build_dpo_trainer(stage: StageConfig, args: DPOConfig, model, tokenizer, train_ds, eval_ds, peft_config,
+                      callbacks, ref_model=None):
     trainer = PretokenizedDPOTrainer(
         model=model,
         ref_model=ref_model,

@@ -10,13 +10,17 @@ from dpo_dist.recipe import StageConfig
 from dpo_dist.stages.common import training_kwargs
 
 
-def build_sft_trainer(stage: StageConfig, profile: Profile, run_dir: Path, seed: int, world_size: int,
-                      model, tokenizer, train_ds, eval_ds, peft_config, callbacks):
-    args = SFTConfig(
-        **training_kwargs(stage, profile, run_dir, seed, world_size),
+def sft_args(stage: StageConfig, profile: Profile, run_dir: Path, seed: int, world_size: int,
+             overrides: dict | None = None) -> SFTConfig:
+    return SFTConfig(
+        **{**training_kwargs(stage, profile, run_dir, seed, world_size), **(overrides or {})},
         max_length=stage.max_length,
         packing=False,  # pretraining data is already packed into blocks; SFT rows keep their own masks
     )
+
+
+def build_sft_trainer(stage: StageConfig, args: SFTConfig, model, tokenizer, train_ds, eval_ds, peft_config,
+                      callbacks):
     return SFTTrainer(
         model=model,
         args=args,

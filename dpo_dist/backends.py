@@ -1,0 +1,164 @@
+"""What the launcher set up, what the profile asks for, and the combinations refused before any weights load.
+
+The entry point never fights its launcher: world size and rank come from the environment, FSDP from
+`accelerate launch`'s settings, ZeRO from `accelerate launch` or the `--deepspeed` file. The profile fills in
+only what a launcher cannot say (micro-batch, precision, attention, the ZeRO file under a plain launcher).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from dpo_dist.profiles import Profile, profile_names, load_profile
+from dpo_dist.recipe import Recipe
+from dpo_dist.schema import ConfigError
+
+ZERO_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+@dataclass
+class Launch:
+    """This process as its launcher started it."""
+    world_size: int
+    rank: int
+    local_rank: int
+    accelerate_fsdp: bool  # `accelerate launch` with an FSDP config
+    accelerate_deepspeed: bool  # `accelerate launch` with a DeepSpeed config
+
+    @classmethod
+    def from_env(cls) -> "Launch":
+        return cls(world_size=int(os.environ.get("WORLD_SIZE", "1")), rank=int(os.environ.get("RANK", "0")),
+                   local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                   accelerate_fsdp=_flag("ACCELERATE_USE_FSDP"), accelerate_deepspeed=_flag("ACCELERATE_USE_DEEPSPEED"))
+
+
+@dataclass
+class Backend:
+    """How this run shards: resolved from the launch first, then the profile."""
+    kind: str  # single | ddp | fsdp | deepspeed
+    deepspeed_file: Path | None  # passed to TrainingArguments when no accelerate launch set DeepSpeed up
+    zero_stage: int
+    fsdp: dict  # the accelerate fsdp_config the launcher applied (empty unless FSDP)
+
+
+def resolve(profile: Profile, launch: Launch, deepspeed_arg: str | None = None) -> Backend:
+    if launch.accelerate_fsdp:
+        return Backend("fsdp", None, 0, _fsdp_env() or profile.fsdp_settings())
+    if launch.accelerate_deepspeed:
+        zero = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0") or 0)
+        return Backend("deepspeed", None, zero or profile.deepspeed_settings().get("zero_optimization", {}).get("stage", 0), {})
+    ds = Path(deepspeed_arg) if deepspeed_arg else profile.deepspeed_file()
+    if ds is not None:
+        import json
+        try:
+            stage = json.loads(ds.read_text()).get("zero_optimization", {}).get("stage", 0)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"--deepspeed {ds}: cannot read it: {err}") from None
+        return Backend("deepspeed", ds, stage, {})
+    return Backend("ddp" if launch.world_size > 1 else "single", None, 0, {})
+
+
+def _fsdp_env() -> dict:
+    """The FSDP settings accelerate launch exported (FSDP_* variables), in accelerate-YAML key form."""
+    out = {}
+    for key, value in os.environ.items():
+        if key.startswith("FSDP_"):
+            out["fsdp_" + key[5:].lower()] = value.lower() in ("true", "1") if value.lower() in ("true", "false", "1", "0") else value
+    return out
+
+
+def _suggest(method: str, backend: str) -> str:
+    fits = []
+    for name in profile_names():
+        try:
+            p = load_profile(name)
+        except ConfigError:
+            continue
+        if method in p.methods:
+            fits.append((p.backend != backend, name))
+    return ", ".join(name for _, name in sorted(fits)[:4]) or "none"
+
+
+def check_run(recipe: Recipe, profile: Profile, launch: Launch, backend: Backend, cuda: bool | None = None) -> None:
+    """Refuse, before any weights load, a combination that cannot work. Says why and what to use instead."""
+    import torch
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    where = f"profile {profile.name}" + (f" ({profile.source})" if profile.source else "")
+    if profile.world_size > 1 and launch.world_size == 1:
+        raise ConfigError(
+            f"{where} runs {profile.world_size} processes, but this is a single process. Start it with "
+            f"`dpo-dist launch RECIPE --profile {profile.name}` (or the launcher command it prints with --dry-run)")
+    if profile.backend == "fsdp" and backend.kind != "fsdp":
+        raise ConfigError(
+            f"{where} shards with FSDP, which `accelerate launch --config_file {profile.accelerate_config}` sets up; "
+            f"this process was started without it. Use `dpo-dist launch RECIPE --profile {profile.name}`")
+    for stage in recipe.stages:
+        method = recipe.method_of(stage).type
+        precision = profile.precision or stage.train.precision
+        at = f"stages.{stage.name}"
+        if method not in profile.methods:
+            raise ConfigError(
+                f"{at}: method {method} is not supported by {where}, which supports {', '.join(profile.methods)}; "
+                f"profiles for {method}: {_suggest(method, profile.backend)}")
+        if profile.attn_implementation == "flash_attention_2" and precision == "fp32":
+            raise ConfigError(f"{at}: flash_attention_2 needs fp16 or bf16, but {where} trains in fp32; use "
+                              "attn_implementation: sdpa or a half-precision profile")
+        if cuda and precision == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"{at}: this GPU has no bf16; use a fp16 profile such as v100-qlora")
+        if method == "qlora" and precision == "fp16" and backend.kind == "fsdp":
+            raise ConfigError(
+                f"{at}: FSDP2 shards each layer as one dtype, but fp16 QLoRA keeps fp32 adapters (for the gradient "
+                "scaler) beside fp16 4-bit storage; use bf16 (A100/H100) or the single-GPU v100-qlora profile")
+    if backend.kind == "deepspeed":
+        _check_zero_file(profile, backend)
+
+
+def _check_zero_file(profile: Profile, backend: Backend) -> None:
+    settings = profile.deepspeed_settings() if backend.deepspeed_file is None else _read_json(backend.deepspeed_file)
+    source = backend.deepspeed_file or profile.deepspeed_file()
+    for key in ZERO_BATCH_KEYS:
+        if key in settings and settings[key] != "auto":
+            raise ConfigError(f"{source}: {key} is {settings[key]!r}; set it to \"auto\": the recipe's global batch "
+                              "and the profile's micro-batch decide it")
+    for key, precision in (("fp16", "fp16"), ("bf16", "bf16")):
+        enabled = settings.get(key, {}).get("enabled", "auto")
+        if enabled not in ("auto", False) and profile.precision and profile.precision != precision:
+            raise ConfigError(f"{source}: {key}.enabled is {enabled!r} but the profile trains in {profile.precision}; "
+                              "set it to \"auto\"")
+
+
+def _read_json(path: Path) -> dict:
+    import json
+    return json.loads(Path(path).read_text())
+
+
+def init_process_group(backend: Backend, launch: Launch) -> None:
+    """Under DeepSpeed, start deepspeed.comm before accelerate: ZeRO-3's zero.Init (which runs inside
+    from_pretrained) reads the world size from deepspeed.comm. accelerate does this itself only on GPUs."""
+    if backend.kind == "deepspeed" and launch.world_size > 1:
+        import deepspeed
+
+        deepspeed.init_distributed()
+
+
+def trainer_overrides(profile: Profile, backend: Backend, checkpointing: bool, peft: bool) -> dict:
+    """TrainingArguments keys that depend on the backend, not on the recipe."""
+    import torch
+
+    out: dict = {"use_cpu": not torch.cuda.is_available()}  # CPU ranks: accelerate then picks gloo
+    if backend.deepspeed_file is not None:
+        out["deepspeed"] = str(backend.deepspeed_file)
+    if backend.kind == "fsdp" and backend.fsdp.get("fsdp_activation_checkpointing"):
+        out["gradient_checkpointing"] = False  # FSDP checkpoints each wrapped layer itself; both at once is refused
+        out["gradient_checkpointing_kwargs"] = None
+    elif checkpointing:
+        # ZeRO-3 frees frozen params during a non-reentrant recompute (DeepSpeed #4332): reentrant there.
+        reentrant = backend.kind == "deepspeed" and backend.zero_stage == 3 and peft
+        out["gradient_checkpointing_kwargs"] = {"use_reentrant": reentrant}
+    return out

@@ -1,0 +1,92 @@
+"""Recipe + profile → the real launcher command (python | torchrun | accelerate launch | deepspeed), then run it.
+
+The command is exactly what a user could type: the launchers are the ecosystem's own, and every rank runs
+`-m dpo_dist.train RECIPE --profile P`, which reads what the launcher set up.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from dpo_dist.backends import Backend, Launch, check_run
+from dpo_dist.profiles import Profile, gradient_accumulation, load_profile
+from dpo_dist.recipe import load_recipe
+from dpo_dist.schema import ConfigError
+
+
+@dataclass
+class Nodes:
+    count: int | None = None  # None = the profile's num_nodes
+    rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+
+def _tool(name: str) -> str:
+    """The launcher installed beside this Python (a venv's bin/), else the one on PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else name
+
+
+def build_command(recipe: str, profile: Profile, profile_arg: str, nodes: Nodes | None = None,
+                  train_args: list[str] | None = None) -> list[str]:
+    """The command that starts every rank of this node. `profile_arg` is what each rank gets as --profile."""
+    nodes = nodes or Nodes()
+    count = nodes.count or profile.num_nodes
+    if count > 1 and profile.launcher == "python":
+        raise ConfigError(f"profile {profile.name}: the python launcher runs one process; multi-node needs torchrun, "
+                          "accelerate or deepspeed")
+    if not 0 <= nodes.rank < count:
+        raise ConfigError(f"--node-rank {nodes.rank}: must be in 0..{count - 1} for {count} node(s)")
+    entry = ["dpo_dist.train", recipe, "--profile", profile_arg, *(train_args or [])]
+    n = profile.num_processes
+    if profile.launcher == "python":
+        return [sys.executable, "-m", *entry]
+    if profile.launcher == "torchrun":
+        return [_tool("torchrun"), f"--nproc_per_node={n}", f"--nnodes={count}", f"--node_rank={nodes.rank}",
+                f"--master_addr={nodes.master_addr}", f"--master_port={nodes.master_port}", "-m", *entry]
+    if profile.launcher == "accelerate":
+        return [_tool("accelerate"), "launch", "--config_file", str(profile.path_of("accelerate_config")),
+                "--num_processes", str(n * count), "--num_machines", str(count), "--machine_rank", str(nodes.rank),
+                "--main_process_ip", nodes.master_addr, "--main_process_port", str(nodes.master_port), "-m", *entry]
+    # deepspeed: without a hostfile it launches this node's ranks; --no_ssh lets each node start its own.
+    multi = ["--num_nodes", str(count), "--node_rank", str(nodes.rank), "--no_ssh"] if count > 1 else []
+    return [_tool("deepspeed"), "--num_gpus", str(n), *multi, "--master_addr", nodes.master_addr,
+            "--master_port", str(nodes.master_port), "--module", *entry,
+            "--deepspeed", str(profile.path_of("deepspeed_config"))]
+
+
+def preflight(recipe_path: str, profile: Profile, overrides: list[str], nodes: int) -> None:
+    """Refuse up front, in the launching process, what check_run would refuse on every rank."""
+    recipe = load_recipe(recipe_path, overrides)
+    world = profile.num_processes * nodes
+    launch = Launch(world_size=world, rank=0, local_rank=0, accelerate_fsdp=profile.backend == "fsdp",
+                    accelerate_deepspeed=False)
+    ds = profile.deepspeed_file()
+    stage = profile.deepspeed_settings().get("zero_optimization", {}).get("stage", 0) if ds else 0
+    backend = Backend(profile.backend, ds, stage, profile.fsdp_settings())
+    check_run(recipe, profile, launch, backend, cuda=False)  # the GPU checks run again on the ranks themselves
+    for s in recipe.stages:
+        gradient_accumulation(s.train.global_batch_size, profile.micro_batch_size, world, f"stages.{s.name}.train")
+
+
+def launch(recipe: str, profile_arg: str, overrides: list[str], nodes: Nodes | None = None, stage: str | None = None,
+           resume: bool = False, dry_run: bool = False, log_file: Path | None = None, env: dict | None = None) -> int:
+    profile = load_profile(profile_arg)
+    nodes = nodes or Nodes()
+    preflight(recipe, profile, overrides, nodes.count or profile.num_nodes)
+    train_args = [*(["--stage", stage] if stage else []), *(["--resume"] if resume else []), *overrides]
+    cmd = build_command(recipe, profile, profile_arg, nodes, train_args)
+    print(shlex.join(cmd), flush=True)
+    if dry_run:
+        return 0
+    full_env = {**os.environ, **(env or {})}
+    if log_file is None:
+        return subprocess.call(cmd, env=full_env)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "w", encoding="utf-8") as fh:
+        return subprocess.call(cmd, env=full_env, stdout=fh, stderr=subprocess.STDOUT)
