@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides applied under every profile")
     p.add_argument("--profiles", required=True, help="comma-separated; the first is the reference")
     p.add_argument("--out", default="runs/parity", help="directory for one run per profile (default runs/parity)")
-    p.add_argument("--tolerance", type=float, help="max relative difference (default 1e-4 fp32, 3e-2 bf16/fp16)")
+    p.add_argument("--tolerance", type=float, help="max relative difference for series and weights (default: 1e-4 in fp32; "
+                   "in bf16/fp16 1e-2 for series, 1e-1 for weights)")
     p.add_argument("--reuse", action="store_true", help="compare existing finished runs instead of retraining")
     p.set_defaults(func=_parity)
 

@@ -54,7 +54,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
     from dpo_dist.data.tokenize import prepare_dataset
     from dpo_dist.merge import merge_adapter
     from dpo_dist.models import adapter_dtype, cast_trainable, load_model, load_tokenizer, lora_config
-    from dpo_dist.stages.common import MetricsLogger, model_facts, precision_of, save_trained
+    from dpo_dist.stages.common import MetricsLogger, fault_callbacks, model_facts, precision_of, save_trained
     from dpo_dist.stages.dpo import build_dpo_trainer, dpo_args
     from dpo_dist.stages.sft import build_sft_trainer, sft_args
 
@@ -107,7 +107,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
     peft_config = lora_config(method_cfg) if method in ("lora", "qlora") else None
 
     # ---- trainer --------------------------------------------------------------------------------------------------
-    callbacks = [MetricsLogger(run_dir / "metrics.jsonl")]
+    callbacks = [MetricsLogger(run_dir / "metrics.jsonl"), *fault_callbacks()]
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # read by transformers' TB callback
     build = build_dpo_trainer if kind == "dpo" else build_sft_trainer
     trainer = build(stage, args, model, tokenizer, train.dataset, evaluation.dataset if evaluation else None,

@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -70,6 +72,11 @@ class MetricsLogger(TrainerCallback):
         self._last_tokens = 0.0
         for entry in state.log_history:  # resuming: continue the token count where it was
             self._last_tokens = entry.get("num_tokens", self._last_tokens)
+        if state.global_step and state.is_world_process_zero and self.path.is_file():
+            # Resuming from checkpoint-N: rows logged after step N by the interrupted run are redone, so drop them.
+            rows = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
+            self.path.write_text("".join(row + "\n" for row in rows))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -84,6 +91,23 @@ class MetricsLogger(TrainerCallback):
             self._last_tokens, self._last_time = logs["num_tokens"], now
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
+
+
+class KillAtStep(TrainerCallback):
+    """Fault injection: every rank SIGKILLs itself when step `step` ends, before it is logged or saved, as a
+    node loss would. Enabled by DPO_DIST_KILL_AT_STEP=N; used to prove that --resume continues exactly."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fault_callbacks() -> list:
+    step = os.environ.get("DPO_DIST_KILL_AT_STEP")
+    return [KillAtStep(int(step))] if step else []
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
