@@ -72,7 +72,7 @@ def _fsdp_env() -> dict:
     return out
 
 
-def _suggest(method: str, backend: str) -> str:
+def _suggest(method: str, backend: str, world_size: int) -> str:
     fits = []
     for name in profile_names():
         try:
@@ -80,8 +80,8 @@ def _suggest(method: str, backend: str) -> str:
         except ConfigError:
             continue
         if method in p.methods:
-            fits.append((p.backend != backend, name))
-    return ", ".join(name for _, name in sorted(fits)[:4]) or "none"
+            fits.append((p.backend != backend, p.world_size != world_size, name))
+    return ", ".join(fit[-1] for fit in sorted(fits)[:4]) or "none"
 
 
 def check_run(recipe: Recipe, profile: Profile, launch: Launch, backend: Backend, cuda: bool | None = None) -> None:
@@ -105,7 +105,7 @@ def check_run(recipe: Recipe, profile: Profile, launch: Launch, backend: Backend
         if method not in profile.methods:
             raise ConfigError(
                 f"{at}: method {method} is not supported by {where}, which supports {', '.join(profile.methods)}; "
-                f"profiles for {method}: {_suggest(method, profile.backend)}")
+                f"profiles for {method}: {_suggest(method, profile.backend, profile.world_size)}")
         if profile.attn_implementation == "flash_attention_2" and precision == "fp32":
             raise ConfigError(f"{at}: flash_attention_2 needs fp16 or bf16, but {where} trains in fp32; use "
                               "attn_implementation: sdpa or a half-precision profile")

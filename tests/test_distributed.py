@@ -1,0 +1,245 @@
+"""Real ranks on CPU: every cpu-* profile trains SFT and DPO under its launcher (gloo, or DeepSpeed's CPU
+accelerator), through `dpo-dist launch` and through the plain launcher commands. One launch per case; each case
+asserts everything it can about its run.
+
+| case                      | launcher                  | profiles                                   | methods |
+|---------------------------|---------------------------|--------------------------------------------|---------|
+| parity fp32               | dpo-dist parity → launch  | cpu, cpu-ddp-2, cpu-fsdp-2, cpu-zero3-2    | lora    |
+| parity bf16               | dpo-dist parity → launch  | cpu-bf16, cpu-fsdp-qlora-2, cpu-zero3-qlora-2 | qlora |
+| plain full SFT → DPO      | torchrun, accelerate, deepspeed | cpu-ddp-2, cpu-fsdp-2, cpu-zero3-2   | full    |
+| qlora under DDP           | dpo-dist launch           | cpu-ddp-2                                  | qlora   |
+| sharded logits and merge  | accelerate, deepspeed     | cpu-fsdp-2, cpu-zero3-2                    | lora    |
+| kill at step 3 and resume | dpo-dist launch           | cpu-fsdp-2, cpu-zero3-2                    | lora    |
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dpo_dist.parity import rel_diff, weights_diff
+from dpo_dist.stages.common import read_metrics
+from tests.conftest import write_jsonl
+
+pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+LN2 = math.log(2)
+WORDS = "kind calm bright quiet gentle warm brave patient honest careful".split()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("dist-data")
+    # Answers from 1 to 24 words: micro-batches hold very different numbers of completion tokens, so a loss
+    # averaged per micro-batch (instead of per token over the global batch) would break SFT parity.
+    sft = [{"conversation": [{"human": f"Describe animal {i}.",
+                              "assistant": " ".join(WORDS[(i + j) % len(WORDS)] for j in range(1 + (i * 7) % 24))}]}
+           for i in range(96)]
+    dpo = [{"prompt": f"Describe the owl {i}.", "chosen": "It is " + " and ".join(WORDS[: 1 + i % 6]) + ".",
+            "rejected": "It is rude" + " and loud" * (i % 4) + "."} for i in range(96)]
+    return {"sft": str(write_jsonl(d / "sft.jsonl", sft)), "dpo": str(write_jsonl(d / "dpo.jsonl", dpo))}
+
+
+def write_recipe(path: Path, base: Path, data: dict, stages=("sft", "dpo"), chain=False, **train) -> str:
+    stage_list = []
+    for s in stages:
+        entry = {"stage": s, "data": {"train": data[s], "format": "firefly" if s == "sft" else "pair"}, "max_length": 64}
+        if s == "dpo":
+            entry["max_prompt_length"] = 32
+        stage_list.append(entry)
+    recipe = {
+        "name": "dist", "seed": 11, "chain": chain,
+        "model": {"name_or_path": str(base), "template": "qwen"},
+        "method": {"type": "lora", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+        "train": {"learning_rate": 1e-2, "global_batch_size": 8, "max_steps": 4, "logging_steps": 1,
+                  "save_steps": 100, "lr_scheduler": "constant", "gradient_checkpointing": True, **train},
+        "output_dir": str(path.parent / "runs"),
+        "stages": stage_list,
+    }
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def run(cmd: list, env: dict | None = None, expect: int = 0) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
+    if (proc.returncode == 0) != (expect == 0):
+        lines = (proc.stdout + proc.stderr).splitlines()
+        errors = [ln for ln in lines if "Error" in ln and "Warning" not in ln][:10]
+        tail = "\n".join(errors + ["..."] + lines[-30:])
+        pytest.fail(f"{' '.join(map(str, cmd))}\nexit {proc.returncode}\n{tail}")
+    return proc
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def losses(run_dir: Path, key: str = "loss") -> list[float]:
+    return [m[key] for m in read_metrics(run_dir) if "loss" in m]
+
+
+def check_sharded_run(run_dir: Path, backend: str, world: int, micro: int = 2, global_batch: int = 8):
+    s = summary(run_dir)
+    assert (s["backend"], s["world_size"]) == (backend, world)
+    assert s["gradient_accumulation_steps"] == global_batch // (micro * world)
+    return s
+
+
+# ---- parity: the proof that a profile changes how a run trains, not what it learns -----------------------------
+
+def test_parity_fp32_lora_sft_and_dpo_across_ddp_fsdp_zero3(tiny_base, data, tmp_path):
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_base, data)
+    out = tmp_path / "parity"
+    proc = run([BIN / "dpo-dist", "parity", recipe, "--profiles", "cpu,cpu-ddp-2,cpu-fsdp-2,cpu-zero3-2",
+                "--out", out])
+    print(proc.stdout)  # the table, for the CI log
+    result = json.loads((out / "parity.json").read_text())
+    assert result["ok"] and result["tolerance"] == {"series": 1e-4, "weights": 1e-4}
+    for stage in result["stages"]:
+        assert stage["steps"] == [1, 2, 3, 4]
+        loss = stage["series"]["cpu"]["loss"]
+        assert loss[-1] < loss[0]  # it learned something, so agreement is not between untouched weights
+        for profile, diffs in stage["diffs"].items():
+            assert set(diffs) >= {"loss", "grad_norm", "weights"}
+            assert all(v <= 1e-4 for v in diffs.values()), (stage["stage"], profile, diffs)
+    assert "rewards/margins" in result["stages"][1]["diffs"]["cpu-fsdp-2"]
+    for profile, backend, world in (("cpu", "single", 1), ("cpu-ddp-2", "ddp", 2), ("cpu-fsdp-2", "fsdp", 2),
+                                    ("cpu-zero3-2", "deepspeed", 2)):
+        for stage in ("sft", "dpo"):
+            check_sharded_run(out / profile / stage, backend, world, micro=8 if profile == "cpu" else 2)
+    assert losses(out / "cpu-fsdp-2" / "dpo")[0] == pytest.approx(LN2, abs=1e-6)  # reference = adapter off
+
+
+def test_parity_bf16_qlora_across_fsdp_and_zero3(tiny_base, data, tmp_path):
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_base, data)
+    out = tmp_path / "parity"
+    proc = run([BIN / "dpo-dist", "parity", recipe, "method.type=qlora", "--profiles",
+                "cpu-bf16,cpu-fsdp-qlora-2,cpu-zero3-qlora-2", "--out", out])
+    print(proc.stdout)
+    result = json.loads((out / "parity.json").read_text())
+    assert result["ok"] and result["tolerance"] == {"series": 1e-2, "weights": 1e-1}
+    for profile, backend in (("cpu-fsdp-qlora-2", "fsdp"), ("cpu-zero3-qlora-2", "deepspeed")):
+        for stage in ("sft", "dpo"):
+            s = check_sharded_run(out / profile / stage, backend, 2)
+            # 4-bit base (2 layers × 7 linear layers), storage in the training dtype, adapters in one dtype
+            assert s["model"]["linear4bit_modules"] == 14
+            assert s["model"]["trainable_dtypes"] == ["bfloat16"]
+        # FSDP2 shards the 4-bit weights: each rank holds about half of the parameters
+    fsdp, single = summary(out / "cpu-fsdp-qlora-2" / "sft"), summary(out / "cpu-bf16" / "sft")
+    assert fsdp["model"]["params_on_rank"] < 0.6 * single["model"]["params_on_rank"]
+    assert losses(out / "cpu-zero3-qlora-2" / "dpo")[0] == pytest.approx(LN2, abs=1e-6)
+
+
+# ---- the plain ecosystem commands, full-parameter SFT then DPO (a frozen reference) -----------------------------
+
+PLAIN = {
+    "torchrun-ddp": (["torchrun", "--nproc_per_node=2", "--master_port=29611", "-m", "dpo_dist.train"],
+                     "cpu-ddp-2", "ddp", []),
+    "accelerate-fsdp": (["accelerate", "launch", "--config_file", "configs/accelerate/cpu-fsdp-2.yaml",
+                         "--main_process_port", "29612", "-m", "dpo_dist.train"], "cpu-fsdp-2", "fsdp", []),
+    "deepspeed-zero3": (["deepspeed", "--num_gpus", "2", "--master_port", "29613", "--module", "dpo_dist.train"],
+                        "cpu-zero3-2", "deepspeed", ["--deepspeed", "configs/deepspeed/zero3.json"]),
+}
+
+
+@pytest.mark.parametrize("case", PLAIN)
+def test_plain_launcher_full_sft_then_dpo(case, tiny_base, data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    launcher, profile, backend, extra = PLAIN[case]
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_base, data, chain=True, max_steps=3)
+    run([BIN / launcher[0], *launcher[1:], recipe, "--profile", profile, "method.type=full", *extra])
+    runs = tmp_path / "runs"
+    sft, dpo = check_sharded_run(runs / "sft", backend, 2), check_sharded_run(runs / "dpo", backend, 2)
+    assert sft["method"] == "full" and dpo["base"] == sft["model_path"] == str(runs / "sft" / "model")
+    # the full model was gathered from its shards: it loads on one process and differs from the base
+    trained = AutoModelForCausalLM.from_pretrained(runs / "sft" / "model", dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    assert trained.state_dict().keys() == base.state_dict().keys()
+    assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), base.state_dict().values()))
+    dpo_losses = losses(runs / "dpo")
+    assert len(dpo_losses) == 3 and dpo_losses[0] == pytest.approx(LN2, abs=1e-6)  # frozen reference = start
+    assert (runs / "dpo" / "model").is_dir()
+
+
+def test_launch_ddp_qlora(tiny_base, data, tmp_path):
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_base, data, max_steps=2)
+    proc = run([BIN / "dpo-dist", "launch", recipe, "--profile", "cpu-ddp-2", "--master-port", "29614",
+                "method.type=qlora"])
+    assert "torchrun" in proc.stdout.splitlines()[0] and "--nproc_per_node=2" in proc.stdout
+    for stage in ("sft", "dpo"):
+        s = check_sharded_run(tmp_path / "runs" / stage, "ddp", 2)
+        assert s["model"]["linear4bit_modules"] == 14 and s["method"] == "qlora"
+        assert (tmp_path / "runs" / stage / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# ---- saving: a complete adapter that plain PEFT loads with the sharded model's logits; merge after sharding -----
+
+PROBE = {
+    "fsdp": (["accelerate", "launch", "--config_file", "configs/accelerate/cpu-fsdp-2.yaml",
+              "--main_process_port", "29615"], "cpu-fsdp-2"),
+    "zero3": (["deepspeed", "--num_gpus", "2", "--master_port", "29616"], "cpu-zero3-2"),
+}
+
+
+@pytest.mark.parametrize("case", PROBE)
+def test_sharded_adapter_reloads_with_same_logits_and_merges(case, tiny_base, data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    launcher, profile = PROBE[case]
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_base, data, chain=True, max_steps=3)
+    probe = tmp_path / "probe.pt"
+    run([BIN / launcher[0], *launcher[1:], ROOT / "tests" / "dist_probe.py", recipe, profile, probe])
+    runs = tmp_path / "runs"
+    got = torch.load(probe)
+    ids = got["input_ids"]
+
+    def logits(model):
+        with torch.no_grad():
+            return model.eval()(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
+
+    # The SFT adapter was merged on rank 0 while the other rank waited; the merge equals base + adapter.
+    merged = AutoModelForCausalLM.from_pretrained(runs / "sft" / "merged", dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    with_adapter = PeftModel.from_pretrained(base, runs / "sft" / "adapter")
+    assert torch.allclose(logits(merged), logits(with_adapter), atol=1e-5)
+    with with_adapter.disable_adapter():
+        assert not torch.allclose(logits(merged), logits(with_adapter), atol=1e-3)  # it trained
+
+    # The DPO adapter, saved from shards, reproduces the sharded model's own logits on one process.
+    dpo = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(runs / "sft" / "merged",
+                                                                          dtype=torch.float32), runs / "dpo" / "adapter")
+    assert torch.allclose(logits(dpo), got["logits"], atol=1e-4), (logits(dpo) - got["logits"]).abs().max()
+    lora_b = [v for k, v in dpo.state_dict().items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # every rank's slice made it into the file
+
+
+# ---- kill after step 3, resume: the same per-step metrics and the same final adapter ------------------------------
+
+@pytest.mark.parametrize("profile", ["cpu-fsdp-2", "cpu-zero3-2"])
+def test_kill_and_resume_matches_uninterrupted(profile, tiny_base, data, tmp_path):
+    port = "29617" if profile == "cpu-fsdp-2" else "29618"
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_base, data, stages=("sft",), max_steps=6, save_steps=2,
+                          save_total_limit=5)
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    launch = [BIN / "dpo-dist", "launch", recipe, "--profile", profile, "--master-port", port]
+    run([*launch, f"output_dir={whole}"])
+    run([*launch, f"output_dir={broken}"], env={"DPO_DIST_KILL_AT_STEP": "3"}, expect=1)
+    assert [m["step"] for m in read_metrics(broken / "sft") if "loss" in m] == [1, 2]
+    assert sorted(p.name for p in (broken / "sft" / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (broken / "sft" / "adapter").exists()
+    run([*launch, f"output_dir={broken}", "--resume"])
+    assert [m["step"] for m in read_metrics(broken / "sft") if "loss" in m] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "grad_norm"):
+        assert rel_diff(losses(whole / "sft", key), losses(broken / "sft", key)) <= 1e-6, key
+    assert weights_diff(whole / "sft" / "adapter", broken / "sft" / "adapter") <= 1e-6

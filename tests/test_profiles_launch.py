@@ -1,0 +1,240 @@
+"""Profiles, backend resolution, refusals before any weights load, and the launcher commands (no ranks started)."""
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpo_dist import cli
+from dpo_dist.backends import Backend, Launch, check_run, resolve, trainer_overrides
+from dpo_dist.launch import Nodes, build_command
+from dpo_dist.models import load_kwargs
+from dpo_dist.profiles import ROOT, Profile, load_profile, profile_names
+from dpo_dist.recipe import MethodConfig, ModelConfig, recipe_from_dict
+from dpo_dist.schema import ConfigError, load_yaml
+
+GPU_PROFILES = ["v100-qlora", "1gpu-bf16", "8gpu-ddp-qlora", "8xh100-fsdp-qlora", "8xh100-fsdp-qlora-offload",
+                "8xh100-fsdp-lora", "8xh100-zero3", "8xh100-zero3-offload", "8xh100-zero3-qlora"]
+CPU_PROFILES = ["cpu", "cpu-bf16", "cpu-ddp-2", "cpu-fsdp-2", "cpu-fsdp-qlora-2", "cpu-zero3-2", "cpu-zero3-qlora-2"]
+ACCELERATE_FILES = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
+DEEPSPEED_FILES = sorted((ROOT / "configs" / "deepspeed").glob("*.json"))
+
+
+def recipe(method="lora", global_batch=8, **stage):
+    return recipe_from_dict({
+        "name": "t", "model": {"name_or_path": "m", "template": "qwen"}, "method": {"type": method},
+        "stages": [{"stage": "sft", "data": {"train": "x.jsonl"}, "train": {"global_batch_size": global_batch},
+                    **stage}]})
+
+
+def backend_of(profile: Profile) -> Backend:
+    ds = profile.deepspeed_file()
+    stage = profile.deepspeed_settings().get("zero_optimization", {}).get("stage", 0)
+    return Backend(profile.backend, ds, stage, profile.fsdp_settings())
+
+
+def launched(profile: Profile) -> Launch:
+    return Launch(profile.world_size, 0, 0, accelerate_fsdp=profile.backend == "fsdp", accelerate_deepspeed=False)
+
+
+def test_the_issue_profiles_exist():
+    assert set(GPU_PROFILES + CPU_PROFILES) <= set(profile_names())
+
+
+@pytest.mark.parametrize("path", ACCELERATE_FILES, ids=lambda p: p.name)
+def test_accelerate_files_load(path):
+    data = load_yaml(path)
+    assert data["distributed_type"] in ("FSDP", "DEEPSPEED")
+    if data["distributed_type"] == "FSDP":
+        fsdp = data["fsdp_config"]
+        assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+    else:
+        assert (ROOT / data["deepspeed_config"]["deepspeed_config_file"]).is_file()
+
+
+@pytest.mark.parametrize("path", DEEPSPEED_FILES, ids=lambda p: p.name)
+def test_deepspeed_files_leave_the_batch_to_the_recipe(path):
+    data = json.loads(path.read_text())
+    assert data["zero_optimization"]["stage"] == 3
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        assert data[key] == "auto"
+
+
+@pytest.mark.parametrize("name", GPU_PROFILES + CPU_PROFILES)
+def test_profile_backend_matches_its_file(name):
+    p = load_profile(name)
+    expected = {"accelerate": "fsdp", "deepspeed": "deepspeed"}.get(p.launcher, "ddp" if p.world_size > 1 else "single")
+    assert p.backend == expected
+    if "qlora" in name and name not in ("v100-qlora", "8gpu-ddp-qlora"):
+        assert p.methods == ["qlora"] and p.precision == "bf16"
+
+
+def test_8xh100_fsdp_qlora_is_the_72b_target():
+    p = load_profile("8xh100-fsdp-qlora")
+    fsdp = p.fsdp_settings()
+    assert (p.world_size, p.precision, p.micro_batch_size) == (8, "bf16", 1)
+    assert fsdp["fsdp_cpu_ram_efficient_loading"] and fsdp["fsdp_activation_checkpointing"]
+    assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert load_profile("8xh100-fsdp-qlora-offload").fsdp_settings()["fsdp_offload_params"] is True
+
+
+def test_v100_profile_is_fireflys_setting():
+    p = load_profile("v100-qlora")
+    assert (p.precision, p.attn_implementation, p.optim, p.gradient_checkpointing, p.world_size) == (
+        "fp16", "sdpa", "paged_adamw_32bit", True, 1)
+
+
+# ---- dry runs: a sensible command for every GPU profile -------------------------------------------------------
+
+@pytest.mark.parametrize("name", GPU_PROFILES)
+def test_dry_run_prints_the_launcher_command(name, capsys):
+    p = load_profile(name)
+    target = ("configs/recipes/qwen2.5-72b-dpo-qlora.yaml" if "qlora" in p.methods
+              else "configs/recipes/llama3.1-8b-sft-dpo-qlora.yaml")
+    overrides = [] if "qlora" in p.methods else ["method.type=lora"]
+    assert cli.main(["launch", target, "--profile", name, "--dry-run", *overrides]) == 0
+    cmd = shlex.split(capsys.readouterr().out.strip().splitlines()[-1])
+    tool = Path(cmd[0]).name
+    assert tool == {"python": Path(cmd[0]).name if "python" in tool else "python", "torchrun": "torchrun",
+                    "accelerate": "accelerate", "deepspeed": "deepspeed"}[p.launcher]
+    assert cmd[cmd.index("--profile") + 1] == name and target in cmd
+    if p.launcher == "torchrun":
+        assert "--nproc_per_node=8" in cmd and cmd[cmd.index("-m") + 1] == "dpo_dist.train"
+    elif p.launcher == "accelerate":
+        assert cmd[1] == "launch" and Path(cmd[cmd.index("--config_file") + 1]).is_file()
+        assert cmd[cmd.index("--num_processes") + 1] == "8" and cmd[cmd.index("-m") + 1] == "dpo_dist.train"
+    elif p.launcher == "deepspeed":
+        assert cmd[cmd.index("--num_gpus") + 1] == "8" and cmd[cmd.index("--module") + 1] == "dpo_dist.train"
+        assert Path(cmd[cmd.index("--deepspeed") + 1]).is_file()
+    else:
+        assert cmd[1:3] == ["-m", "dpo_dist.train"]
+
+
+def test_multi_node_flags():
+    p = load_profile("8xh100-fsdp-qlora")
+    cmd = build_command("r.yaml", p, "8xh100-fsdp-qlora", Nodes(2, 1, "10.0.0.5", 29400))
+    joined = " ".join(cmd)
+    assert ("--num_processes 16 --num_machines 2 --machine_rank 1 --main_process_ip 10.0.0.5 "
+            "--main_process_port 29400") in joined
+    cmd = build_command("r.yaml", load_profile("8xh100-zero3-qlora"), "8xh100-zero3-qlora", Nodes(4, 3, "h0", 29400))
+    assert "--num_gpus 8 --num_nodes 4 --node_rank 3 --no_ssh --master_addr h0 --master_port 29400" in " ".join(cmd)
+    cmd = build_command("r.yaml", load_profile("8gpu-ddp-qlora"), "8gpu-ddp-qlora", Nodes(2, 0, "h0", 29400))
+    assert "--nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=h0 --master_port=29400" in " ".join(cmd)
+    with pytest.raises(ConfigError, match="node-rank 2"):
+        build_command("r.yaml", p, "x", Nodes(2, 2))
+    with pytest.raises(ConfigError, match="multi-node"):
+        build_command("r.yaml", load_profile("v100-qlora"), "v100-qlora", Nodes(2, 0))
+
+
+# ---- refusals, before any weights load ------------------------------------------------------------------------
+
+def test_multi_process_profile_in_one_process_is_refused(tmp_path, monkeypatch, capsys):
+    import dpo_dist.models
+
+    def no_loading(*_a, **_k):
+        raise AssertionError("weights were loaded before the refusal")
+
+    monkeypatch.setattr(dpo_dist.models, "load_model", no_loading)
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps(recipe().to_dict()))
+    from dpo_dist.train import main
+
+    assert main([str(path), "--profile", "cpu-fsdp-2"]) == 2
+    err = capsys.readouterr().err
+    assert "runs 2 processes, but this is a single process" in err and "dpo-dist launch" in err
+
+
+def test_fsdp_profile_without_accelerate_fsdp_is_refused():
+    p = load_profile("cpu-fsdp-2")
+    torchrun = Launch(2, 0, 0, accelerate_fsdp=False, accelerate_deepspeed=False)
+    with pytest.raises(ConfigError, match="accelerate launch --config_file configs/accelerate/cpu-fsdp-2.yaml"):
+        check_run(recipe(), p, torchrun, resolve(p, torchrun), cuda=False)
+
+
+def test_method_the_profile_does_not_support_is_refused_with_alternatives():
+    p = load_profile("cpu-fsdp-2")
+    with pytest.raises(ConfigError, match=r"method qlora is not supported .* profiles for qlora: cpu-fsdp-qlora-2"):
+        check_run(recipe("qlora"), p, launched(p), backend_of(p), cuda=False)
+
+
+def test_uneven_global_batch_is_refused_by_launch(tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps(recipe(global_batch=6).to_dict()))
+    assert cli.main(["launch", str(path), "--profile", "cpu-ddp-2", "--dry-run"]) == 2
+    assert "global_batch_size: 6 is not divisible by micro-batch 2 × 2 process(es) = 4" in capsys.readouterr().err
+
+
+def test_fp16_qlora_under_fsdp_is_refused():
+    p = Profile(name="x", launcher="accelerate", accelerate_config="configs/accelerate/cpu-fsdp-qlora-2.yaml",
+                num_processes=2, precision="fp16")
+    with pytest.raises(ConfigError, match="FSDP2 shards each layer as one dtype"):
+        check_run(recipe("qlora"), p, launched(p), Backend("fsdp", None, 0, {}), cuda=False)
+
+
+def test_flash_attention_in_fp32_is_refused():
+    p = Profile(name="x", precision="fp32", attn_implementation="flash_attention_2")
+    with pytest.raises(ConfigError, match="flash_attention_2 needs fp16 or bf16"):
+        check_run(recipe(), p, launched(p), backend_of(p), cuda=False)
+
+
+def test_zero_json_that_fixes_the_batch_is_refused(tmp_path):
+    bad = tmp_path / "zero3.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 4}))
+    p = load_profile("cpu-zero3-2")
+    launch = launched(p)
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu is 4; set it to \"auto\""):
+        check_run(recipe(), p, launch, resolve(p, launch, str(bad)), cuda=False)
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"launcher": "python", "num_processes": 2}, "python runs one process"),
+    ({"launcher": "accelerate"}, "accelerate_config: the accelerate launcher needs"),
+    ({"launcher": "deepspeed", "num_processes": 2}, "deepspeed_config: the deepspeed launcher needs"),
+    ({"launcher": "accelerate", "accelerate_config": "configs/accelerate/nope.yaml"}, "does not exist"),
+    ({"launcher": "accelerate", "accelerate_config": "configs/accelerate/cpu-fsdp-2.yaml", "num_processes": 4},
+     "differs from num_processes: 2"),
+    ({"launcher": "accelerate", "accelerate_config": "configs/accelerate/cpu-fsdp-2.yaml", "num_processes": 2,
+      "precision": "bf16"}, "precision: bf16 differs from mixed_precision: no"),
+    ({"methods": []}, "methods: list at least one"),
+])
+def test_bad_profiles_are_refused(tmp_path, data, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=match):
+        load_profile(str(path))
+
+
+# ---- what the backend asks of TrainingArguments and of model loading ------------------------------------------
+
+def test_trainer_overrides_per_backend():
+    fsdp_ckpt = Backend("fsdp", None, 0, {"fsdp_activation_checkpointing": True})
+    out = trainer_overrides(load_profile("cpu-fsdp-qlora-2"), fsdp_ckpt, checkpointing=True, peft=True)
+    assert out["gradient_checkpointing"] is False  # FSDP checkpoints the layers itself
+    zero3 = Backend("deepspeed", Path("configs/deepspeed/zero3.json"), 3, {})
+    out = trainer_overrides(load_profile("cpu-zero3-2"), zero3, checkpointing=True, peft=True)
+    assert out["gradient_checkpointing_kwargs"] == {"use_reentrant": True} and out["deepspeed"].endswith("zero3.json")
+    out = trainer_overrides(load_profile("cpu-ddp-2"), Backend("ddp", None, 0, {}), checkpointing=True, peft=True)
+    assert out["gradient_checkpointing_kwargs"] == {"use_reentrant": False} and "deepspeed" not in out
+    assert out["use_cpu"] is (not torch.cuda.is_available())
+
+
+def test_qlora_load_kwargs_no_device_map_when_sharded(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    cfg = ModelConfig(name_or_path="m")
+    alone = load_kwargs(cfg, "qlora", "bf16", "sdpa", sharded=False, cuda=True)
+    assert alone["device_map"] == {"": 3}
+    sharded = load_kwargs(cfg, "qlora", "bf16", "sdpa", sharded=True, cuda=True)
+    assert "device_map" not in sharded
+    q = sharded["quantization_config"]
+    assert q.bnb_4bit_quant_storage == "bfloat16" or q.bnb_4bit_quant_storage == torch.bfloat16
+    assert sharded["dtype"] == torch.bfloat16  # quant storage = parameter dtype, so FSDP shards them together
+    assert load_kwargs(cfg, "lora", "bf16", "sdpa", sharded=False, cuda=True).get("device_map") is None
+
+
+def test_profiles_command_lists_every_profile(capsys):
+    assert cli.main(["profiles"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in profile_names())
