@@ -111,10 +111,11 @@ def check_run(recipe: Recipe, profile: Profile, launch: Launch, backend: Backend
                               "attn_implementation: sdpa or a half-precision profile")
         if cuda and precision == "bf16" and not torch.cuda.is_bf16_supported():
             raise ConfigError(f"{at}: this GPU has no bf16; use a fp16 profile such as v100-qlora")
-        if method == "qlora" and precision == "fp16" and backend.kind == "fsdp":
+        if method in ("lora", "qlora") and precision == "fp16" and backend.kind == "fsdp":
             raise ConfigError(
-                f"{at}: FSDP2 shards each layer as one dtype, but fp16 QLoRA keeps fp32 adapters (for the gradient "
-                "scaler) beside fp16 4-bit storage; use bf16 (A100/H100) or the single-GPU v100-qlora profile")
+                f"{at}: FSDP2 shards each layer as one dtype, but fp16 {method} keeps fp32 adapters (for the "
+                "gradient scaler) beside the fp16 base; use bf16 (A100/H100), a ZeRO-3 profile, or the "
+                "single-GPU v100-qlora profile")
     if backend.kind == "deepspeed":
         _check_zero_file(profile, backend)
 

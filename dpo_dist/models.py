@@ -116,10 +116,15 @@ def lora_config(method: MethodConfig):
     )
 
 
-def adapter_dtype(precision: str) -> torch.dtype:
-    # fp16 mixed precision needs fp32 trainable weights for its gradient scaler; bf16 keeps one dtype so FSDP
-    # can shard adapters together with the bf16 base.
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+def adapter_dtype(precision: str, backend: str = "single") -> torch.dtype:
+    """One dtype for every trainable adapter weight.
+
+    bf16: bf16, so FSDP2 (one dtype per sharded layer) and ZeRO-3 (whose coalesced all-gather of persistent
+    parameters assumed one dtype, DeepSpeed #8072) see the same dtype as the bf16 base. fp16: fp32 master weights
+    for torch's gradient scaler, except under DeepSpeed, which keeps its own fp32 master copy of fp16 weights."""
+    if precision == "bf16" or (precision == "fp16" and backend == "deepspeed"):
+        return DTYPES[precision]
+    return torch.float32
 
 
 def cast_trainable(model, dtype: torch.dtype) -> int:

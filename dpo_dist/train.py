@@ -113,9 +113,9 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
     trainer = build(stage, args, model, tokenizer, train.dataset, evaluation.dataset if evaluation else None,
                     peft_config, callbacks)
     if peft_config is not None:
-        # trl stores QLoRA adapters in bf16 regardless of precision; keep them in one dtype that the precision
-        # can train (fp16's gradient scaler refuses half-precision master weights).
-        cast_trainable(trainer.model, adapter_dtype(precision))
+        # trl stores QLoRA adapters in bf16 and peft LoRA adapters in fp32 whatever the precision; keep them in
+        # the one dtype the precision and backend can train (see adapter_dtype).
+        cast_trainable(trainer.model, adapter_dtype(precision, backend.kind))
 
     # ---- train ----------------------------------------------------------------------------------------------------
     checkpoint = _latest_checkpoint(run_dir) if resume else None

@@ -133,7 +133,8 @@ def test_parity_bf16_qlora_across_fsdp_and_zero3(tiny_base, data, tmp_path):
             # 4-bit base (2 layers × 7 linear layers), storage in the training dtype, adapters in one dtype
             assert s["model"]["linear4bit_modules"] == 14
             assert s["model"]["trainable_dtypes"] == ["bfloat16"]
-        # FSDP2 shards the 4-bit weights: each rank holds about half of the parameters
+            assert s["model"]["param_dtypes"] == ["bfloat16"]  # one dtype: FSDP2 and ZeRO-3 gather it as one
+    # FSDP2 shards the 4-bit weights too: each rank holds about half of the parameters
     fsdp, single = summary(out / "cpu-fsdp-qlora-2" / "sft"), summary(out / "cpu-bf16" / "sft")
     assert fsdp["model"]["params_on_rank"] < 0.6 * single["model"]["params_on_rank"]
     assert losses(out / "cpu-zero3-qlora-2" / "dpo")[0] == pytest.approx(LN2, abs=1e-6)

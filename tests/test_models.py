@@ -25,3 +25,6 @@ def test_dtypes_follow_the_precision():
     assert model_dtype("qlora", "fp16") == torch.float16 and model_dtype("lora", "bf16") == torch.bfloat16
     assert model_dtype("full", "fp16") == torch.float32  # mixed precision keeps fp32 master weights
     assert adapter_dtype("fp16") == torch.float32 and adapter_dtype("bf16") == torch.bfloat16
+    assert adapter_dtype("fp16", "fsdp") == torch.float32 and adapter_dtype("bf16", "deepspeed") == torch.bfloat16
+    assert adapter_dtype("fp16", "deepspeed") == torch.float16  # DeepSpeed keeps its own fp32 master copy
+    assert adapter_dtype("fp32", "deepspeed") == torch.float32

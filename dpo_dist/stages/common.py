@@ -138,15 +138,16 @@ def save_trained(trainer, out: Path, peft: bool) -> None:
 def model_facts(model) -> dict:
     """Parameter counts and dtypes as this rank holds them: what the summary reports about the trained model."""
     total = trainable = 0
-    dtypes, quantized = set(), 0
+    dtypes, all_dtypes, quantized = set(), set(), 0
     for module in model.modules():
         if type(module).__name__ == "Linear4bit":
             quantized += 1
     for param in model.parameters():
         n = param.numel()
         total += n
+        all_dtypes.add(str(param.dtype).replace("torch.", ""))
         if param.requires_grad:
             trainable += n
             dtypes.add(str(param.dtype).replace("torch.", ""))
     return {"params_on_rank": total, "trainable_on_rank": trainable, "trainable_dtypes": sorted(dtypes),
-            "linear4bit_modules": quantized}
+            "param_dtypes": sorted(all_dtypes), "linear4bit_modules": quantized}
