@@ -148,6 +148,42 @@ def init_process_group(backend: Backend, launch: Launch) -> None:
         deepspeed.init_distributed()
 
 
+def init_fsdp_state(backend: Backend, mixed_precision: str) -> bool:
+    """Set up accelerate's FSDP state before the Trainer creates its Accelerator. Two fixes in one place:
+
+    - Precision. accelerate's default FSDP2 policy for bf16/fp16 reduces gradients and returns the model's outputs
+      (the loss, DPO's log-probs) in half precision, so a sharded run rounds where a single-process autocast run
+      does not. The policy here computes in the half dtype but reduces gradients and returns outputs in fp32.
+    - CPU ranks. accelerate (1.15) turns `ACCELERATE_USE_FSDP` into an FSDP state only for GPU-like distributed
+      types; on CPU (MULTI_CPU, gloo) it drops the plugin silently and the Trainer trains plain DDP. torch's FSDP2
+      runs on CPU with gloo, so the state is marked FSDP here.
+
+    The plugin reads the launcher's FSDP_* environment, as accelerate's own would. Returns True when FSDP is set."""
+    import torch
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, TorchDynamoPlugin
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if backend.kind != "fsdp":
+        return False
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    policy = (MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32, output_dtype=torch.float32)
+              if half is not None else None)
+    plugin = FullyShardedDataParallelPlugin(mixed_precision_policy=policy)
+    cpu = not torch.cuda.is_available()
+    state = AcceleratorState(mixed_precision=mixed_precision, cpu=cpu, fsdp_plugin=plugin,
+                             dynamo_plugin=TorchDynamoPlugin(), _from_accelerator=True)
+    if state.distributed_type == DistributedType.FSDP:
+        return True
+    if not cpu or state.distributed_type != DistributedType.MULTI_CPU:
+        raise ConfigError(f"FSDP needs a multi-process launch; accelerate reports {state.distributed_type}")
+    # Every later AcceleratorState() re-copies PartialState's fields, so both record FSDP.
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    return True
+
+
 def trainer_overrides(profile: Profile, backend: Backend, checkpointing: bool, peft: bool) -> dict:
     """TrainingArguments keys that depend on the backend, not on the recipe."""
     import torch

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from dpo_dist.backends import Backend, Launch, check_run, init_process_group, resolve, trainer_overrides
+from dpo_dist.backends import (Backend, Launch, check_run, init_fsdp_state, init_process_group, resolve,
+                               trainer_overrides)
 from dpo_dist.profiles import Profile, load_profile
 from dpo_dist.recipe import Recipe, StageConfig, load_recipe
 from dpo_dist.schema import ConfigError
@@ -110,6 +111,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
     callbacks = [MetricsLogger(run_dir / "metrics.jsonl"), *fault_callbacks()]
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # read by transformers' TB callback
     build = build_dpo_trainer if kind == "dpo" else build_sft_trainer
+    init_fsdp_state(backend, "bf16" if args.bf16 else "fp16" if args.fp16 else "no")
     trainer = build(stage, args, model, tokenizer, train.dataset, evaluation.dataset if evaluation else None,
                     peft_config, callbacks)
     if peft_config is not None:

@@ -117,6 +117,12 @@ def test_parity_fp32_lora_sft_and_dpo_across_ddp_fsdp_zero3(tiny_base, data, tmp
         for stage in ("sft", "dpo"):
             check_sharded_run(out / profile / stage, backend, world, micro=8 if profile == "cpu" else 2)
     assert losses(out / "cpu-fsdp-2" / "dpo")[0] == pytest.approx(LN2, abs=1e-6)  # reference = adapter off
+    # Really sharded, not replicated: each of the 2 ranks holds about half of the parameters (DDP holds all)
+    single = summary(out / "cpu" / "sft")["model"]["params_on_rank"]
+    assert summary(out / "cpu-ddp-2" / "sft")["model"]["params_on_rank"] == single
+    for profile in ("cpu-fsdp-2", "cpu-zero3-2"):
+        on_rank = summary(out / profile / "sft")["model"]["params_on_rank"]
+        assert 0.4 * single < on_rank < 0.6 * single, (profile, on_rank, single)
 
 
 def test_parity_bf16_qlora_across_fsdp_and_zero3(tiny_base, data, tmp_path):
@@ -134,9 +140,11 @@ def test_parity_bf16_qlora_across_fsdp_and_zero3(tiny_base, data, tmp_path):
             assert s["model"]["linear4bit_modules"] == 14
             assert s["model"]["trainable_dtypes"] == ["bfloat16"]
             assert s["model"]["param_dtypes"] == ["bfloat16"]  # one dtype: FSDP2 and ZeRO-3 gather it as one
-    # FSDP2 shards the 4-bit weights too: each rank holds about half of the parameters
-    fsdp, single = summary(out / "cpu-fsdp-qlora-2" / "sft"), summary(out / "cpu-bf16" / "sft")
-    assert fsdp["model"]["params_on_rank"] < 0.6 * single["model"]["params_on_rank"]
+    # Both shard the 4-bit weights too: each of the 2 ranks holds about half of the parameters
+    single = summary(out / "cpu-bf16" / "sft")["model"]["params_on_rank"]
+    for profile in ("cpu-fsdp-qlora-2", "cpu-zero3-qlora-2"):
+        on_rank = summary(out / profile / "sft")["model"]["params_on_rank"]
+        assert 0.4 * single < on_rank < 0.6 * single, (profile, on_rank, single)
     assert losses(out / "cpu-zero3-qlora-2" / "dpo")[0] == pytest.approx(LN2, abs=1e-6)
 
 
@@ -167,6 +175,9 @@ def test_plain_launcher_full_sft_then_dpo(case, tiny_base, data, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
     assert trained.state_dict().keys() == base.state_dict().keys()
     assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), base.state_dict().values()))
+    # DDP replicates the model; FSDP2 and ZeRO-3 leave each rank about half of it
+    total, on_rank = sum(p.numel() for p in base.parameters()), sft["model"]["params_on_rank"]
+    assert on_rank == total if backend == "ddp" else 0.4 * total < on_rank < 0.6 * total, (on_rank, total)
     dpo_losses = losses(runs / "dpo")
     assert len(dpo_losses) == 3 and dpo_losses[0] == pytest.approx(LN2, abs=1e-6)  # frozen reference = start
     assert (runs / "dpo" / "model").is_dir()

@@ -112,6 +112,16 @@ def test_qlora_loads_nf4_with_double_quant_and_storage_at_model_dtype(tiny_base)
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and all(m.weight.dtype == torch.float32 for m in layers)  # packed 4-bit in fp32 storage
 
+    # The summary counts bitsandbytes' layers once, not again for the LoRA wrappers that share their class name.
+    from peft import get_peft_model
+
+    from dpo_dist.models import lora_config
+    from dpo_dist.recipe import MethodConfig
+    from dpo_dist.stages.common import model_facts
+
+    wrapped = get_peft_model(model, lora_config(MethodConfig(type="qlora")))
+    assert model_facts(wrapped)["linear4bit_modules"] == len(layers)
+
 
 def test_simpo_loss_is_reference_free_and_trains(tiny_base, tmp_path, data):
     recipe = make_recipe(tiny_base, tmp_path / "run", ["dpo"], data, **{})

@@ -1,6 +1,7 @@
 """What every stage shares: TrainingArguments from recipe + profile, and the run-directory metrics log."""
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import math
@@ -41,6 +42,11 @@ def training_kwargs(stage: StageConfig, profile: Profile, run_dir: Path, seed: i
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=profile.optim or t.optim,
+        # Token-level losses (SFT, pretraining): the Trainer counts the label tokens of every micro-batch in the
+        # optimizer step (num_items_in_batch), sums that count over ranks, and each micro-batch's loss is its token
+        # sum divided by the global count; so any split into ranks and accumulation steps gives the one-process
+        # per-token mean. Stated explicitly because the parity guarantee depends on it.
+        average_tokens_across_devices=True,
         gradient_checkpointing=checkpointing,
         # Non-reentrant checkpointing works with frozen inputs and LoRA; reentrant is opt-in per backend.
         gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
@@ -131,8 +137,44 @@ def save_trained(trainer, out: Path, peft: bool) -> None:
                 state[name.replace("_checkpoint_wrapped_module.", "")] = full.detach().cpu()
     else:
         state = trainer.accelerator.get_state_dict(trainer.model)
-    if trainer.accelerator.is_main_process:
-        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(out), state_dict=state)
+    if not trainer.accelerator.is_main_process:
+        return
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if peft:
+        _write_adapter(model, state, out)
+    else:
+        model.save_pretrained(str(out), state_dict=state)
+
+
+def _write_adapter(model, state: dict, out: Path) -> None:
+    """Write a PEFT adapter directory from gathered weights named as in `model.named_parameters()`.
+
+    peft's own save_pretrained(state_dict=...) selects adapter entries by the module paths it finds in the model; under
+    FSDP activation checkpointing those paths contain the checkpoint wrapper, the gathered names do not, and it writes
+    an empty file. The file format is peft's: adapter name removed from each key, safetensors, adapter_config.json."""
+    from safetensors.torch import save_file
+
+    name = model.active_adapter
+    weights = {}
+    for key, tensor in state.items():
+        if f".{name}." not in key:
+            raise RuntimeError(f"trainable parameter {key} is not part of adapter {name!r}; cannot save it as an adapter")
+        weights[key.replace(f".{name}.", ".")] = tensor.contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = copy.deepcopy(model.peft_config[name])
+    config.inference_mode = True
+    config.save_pretrained(str(out))
+
+
+def _local_numel(param) -> int:
+    """Elements this rank stores: an FSDP2 DTensor's local shard, a ZeRO-3 parameter's partition (its own
+    `.numel()` is the global size, or 0 once partitioned), otherwise the whole tensor."""
+    if hasattr(param, "to_local"):
+        return param.to_local().numel()
+    if hasattr(param, "ds_tensor"):
+        return param.ds_tensor.numel()
+    return param.numel()
 
 
 def model_facts(model) -> dict:
@@ -140,10 +182,11 @@ def model_facts(model) -> dict:
     total = trainable = 0
     dtypes, all_dtypes, quantized = set(), set(), 0
     for module in model.modules():
-        if type(module).__name__ == "Linear4bit":
+        # bitsandbytes' own layer; peft's LoRA wrapper around it shares the class name
+        if type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes"):
             quantized += 1
     for param in model.parameters():
-        n = param.numel()
+        n = _local_numel(param)
         total += n
         all_dtypes.add(str(param.dtype).replace("torch.", ""))
         if param.requires_grad:
