@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from dpo_dist.schema import ConfigError
@@ -35,9 +36,44 @@ def _merge(args) -> int:
 def _launch(args) -> int:
     from dpo_dist.launch import Nodes, launch
 
-    nodes = Nodes(args.nodes, args.node_rank, args.master_addr, args.master_port)
+    if args.slurm:
+        if args.nodes is not None or args.node_rank is not None:
+            raise ConfigError("--slurm takes the node count and rank from the allocation; drop --nodes/--node-rank")
+        nodes = Nodes.from_slurm(args.master_addr, args.master_port, args.nproc_per_node)
+    else:
+        nodes = Nodes(args.nodes, args.node_rank or 0, args.master_addr or "127.0.0.1", args.master_port,
+                      args.nproc_per_node)
     return launch(args.recipe, args.profile, args.overrides, nodes, stage=args.stage, resume=args.resume,
                   dry_run=args.dry_run)
+
+
+def _slurm(args) -> int:
+    from dpo_dist.slurm import JobSpec, render, submit
+
+    spec = JobSpec(nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition, time=args.time,
+                   account=args.account, job_name=args.job_name, master_port=args.master_port, log_dir=args.log_dir,
+                   signal_lead_s=args.signal_lead, extra=args.sbatch)
+    text = render(args.recipe, args.profile, args.overrides, spec)
+    if args.dry_run:
+        print(text, end="")
+        return 0
+    from pathlib import Path
+
+    log_dir = Path(args.log_dir).resolve()
+    log_dir.mkdir(parents=True, exist_ok=True)  # Slurm cannot open --output in a missing directory
+    path = Path(args.script_out) if args.script_out else log_dir / f"{spec.job_name or 'job'}-{Path(args.recipe).stem}.sbatch"
+    job = submit(text, path)
+    print(f"submitted job {job}: script {path}, logs {log_dir}/{job}-*.log")
+    return 0
+
+
+def _slurm_run(args) -> int:
+    from pathlib import Path
+
+    from dpo_dist.slurm import run_job
+
+    return run_job(args.recipe, args.profile, args.overrides, args.script, args.gpus_per_node, args.master_port,
+                   Path(args.log_dir))
 
 
 def _parity(args) -> int:
@@ -88,9 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.add_argument("--profile", required=True, help="launch profile name (launch/*.yaml) or path")
     p.add_argument("--nodes", type=int, help="number of nodes (default: the profile's num_nodes)")
-    p.add_argument("--node-rank", type=int, default=0, help="this node's rank (default 0)")
-    p.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 (default 127.0.0.1)")
+    p.add_argument("--node-rank", type=int, help="this node's rank (default 0)")
+    p.add_argument("--master-addr", help="address of node 0 (default 127.0.0.1; under --slurm the first node)")
     p.add_argument("--master-port", type=int, default=29500, help="port on node 0 (default 29500)")
+    p.add_argument("--nproc-per-node", type=int, help="processes per node (default: the profile's num_processes); "
+                   "the recipe's global batch is kept")
+    p.add_argument("--slurm", action="store_true", help="take nodes, node rank and master from the Slurm allocation")
     p.add_argument("--stage")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="print the command and exit")
@@ -105,6 +144,37 @@ def build_parser() -> argparse.ArgumentParser:
                    "in bf16/fp16 1e-2 for series, 1e-1 for weights)")
     p.add_argument("--reuse", action="store_true", help="compare existing finished runs instead of retraining")
     p.set_defaults(func=_parity)
+
+    p = sub.add_parser("slurm", help="write the sbatch script for a recipe + profile and submit it")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("--profile", required=True, help="launch profile (accelerate, torchrun or deepspeed launcher)")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, help="processes (GPUs) per node (default: the profile's)")
+    p.add_argument("--partition")
+    p.add_argument("--time", help="time limit, e.g. 2-00:00:00")
+    p.add_argument("--account")
+    p.add_argument("--job-name")
+    p.add_argument("--master-port", type=int, default=29500)
+    p.add_argument("--log-dir", default="logs/slurm", help="batch and per-node logs (default logs/slurm)")
+    p.add_argument("--signal-lead", type=int, default=120,
+                   help="seconds before the time limit at which the job checkpoints and requeues (default 120)")
+    p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                   help="another #SBATCH option, e.g. --sbatch=--qos=high (repeatable)")
+    p.add_argument("--script-out", help="where to write the script (default: in --log-dir)")
+    p.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
+    p.set_defaults(func=_slurm)
+
+    p = sub.add_parser("slurm-run", help="inside an sbatch job: start every node, checkpoint and requeue on signal")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("--profile", required=True)
+    p.add_argument("--script", required=True, choices=["accelerate", "deepspeed"],
+                   help="which shipped script this is (it checks the profile's launcher)")
+    p.add_argument("--gpus-per-node", type=int)
+    p.add_argument("--master-port", type=int, default=int(os.environ.get("MASTER_PORT", 29500)))
+    p.add_argument("--log-dir", default=os.environ.get("DPO_DIST_LOG_DIR", "logs/slurm"))
+    p.set_defaults(func=_slurm_run)
 
     p = sub.add_parser("profiles", help="list the launch profiles")
     p.set_defaults(func=_profiles)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -24,6 +25,17 @@ class Nodes:
     rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
+    procs: int | None = None  # processes per node; None = the profile's num_processes
+
+    @classmethod
+    def from_slurm(cls, master_addr: str | None, master_port: int, procs: int | None) -> "Nodes":
+        """This node's place in the Slurm allocation: node count, machine rank (SLURM_NODEID) and, unless given,
+        the master = the first host of SLURM_JOB_NODELIST at its Slurm NodeAddr."""
+        from dpo_dist.slurm import Allocation, first_host, node_address
+
+        alloc = Allocation.from_env()
+        master = master_addr or node_address(first_host(alloc.nodelist))
+        return cls(count=alloc.nodes, rank=alloc.node_rank, master_addr=master, master_port=master_port, procs=procs)
 
 
 def _tool(name: str) -> str:
@@ -43,7 +55,9 @@ def build_command(recipe: str, profile: Profile, profile_arg: str, nodes: Nodes 
     if not 0 <= nodes.rank < count:
         raise ConfigError(f"--node-rank {nodes.rank}: must be in 0..{count - 1} for {count} node(s)")
     entry = ["dpo_dist.train", recipe, "--profile", profile_arg, *(train_args or [])]
-    n = profile.num_processes
+    n = nodes.procs or profile.num_processes
+    if nodes.procs is not None and nodes.procs <= 0:
+        raise ConfigError(f"--nproc-per-node {nodes.procs}: must be positive")
     if profile.launcher == "python":
         return [sys.executable, "-m", *entry]
     if profile.launcher == "torchrun":
@@ -53,17 +67,34 @@ def build_command(recipe: str, profile: Profile, profile_arg: str, nodes: Nodes 
         return [_tool("accelerate"), "launch", "--config_file", str(profile.path_of("accelerate_config")),
                 "--num_processes", str(n * count), "--num_machines", str(count), "--machine_rank", str(nodes.rank),
                 "--main_process_ip", nodes.master_addr, "--main_process_port", str(nodes.master_port), "-m", *entry]
-    # deepspeed: without a hostfile it launches this node's ranks; --no_ssh lets each node start its own.
-    multi = ["--num_nodes", str(count), "--node_rank", str(nodes.rank), "--no_ssh"] if count > 1 else []
+    # deepspeed: without a hostfile it launches this node's ranks. For several nodes it needs a hostfile to size the
+    # world, and --no_ssh makes each node start only its own ranks (no ssh/pdsh); the host names are only labels.
+    multi = (["--hostfile", str(deepspeed_hostfile(count, n)), "--num_nodes", str(count), "--node_rank",
+              str(nodes.rank), "--no_ssh"] if count > 1 else [])
     return [_tool("deepspeed"), "--num_gpus", str(n), *multi, "--master_addr", nodes.master_addr,
             "--master_port", str(nodes.master_port), "--module", *entry,
             "--deepspeed", str(profile.path_of("deepspeed_config"))]
 
 
-def preflight(recipe_path: str, profile: Profile, overrides: list[str], nodes: int) -> None:
+def deepspeed_hostfile(count: int, procs: int) -> Path:
+    """Where the multi-node deepspeed command reads its hostfile: `node<i> slots=<procs>` for each node."""
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / f"dpo-dist-hostfile-{count}x{procs}"
+
+
+def write_deepspeed_hostfile(count: int, procs: int) -> Path:
+    path = deepspeed_hostfile(count, procs)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}")
+    tmp.write_text("".join(f"node{i} slots={procs}\n" for i in range(count)))
+    os.replace(tmp, path)  # atomic: several nodes of one host may write it at once
+    return path
+
+
+def preflight(recipe_path: str, profile: Profile, overrides: list[str], nodes: int, procs: int | None = None) -> None:
     """Refuse up front, in the launching process, what check_run would refuse on every rank."""
     recipe = load_recipe(recipe_path, overrides)
-    world = profile.num_processes * nodes
+    world = (procs or profile.num_processes) * nodes
     launch = Launch(world_size=world, rank=0, local_rank=0, accelerate_fsdp=profile.backend == "fsdp",
                     accelerate_deepspeed=False)
     ds = profile.deepspeed_file()
@@ -78,15 +109,28 @@ def launch(recipe: str, profile_arg: str, overrides: list[str], nodes: Nodes | N
            resume: bool = False, dry_run: bool = False, log_file: Path | None = None, env: dict | None = None) -> int:
     profile = load_profile(profile_arg)
     nodes = nodes or Nodes()
-    preflight(recipe, profile, overrides, nodes.count or profile.num_nodes)
+    preflight(recipe, profile, overrides, nodes.count or profile.num_nodes, nodes.procs)
     train_args = [*(["--stage", stage] if stage else []), *(["--resume"] if resume else []), *overrides]
     cmd = build_command(recipe, profile, profile_arg, nodes, train_args)
     print(shlex.join(cmd), flush=True)
     if dry_run:
         return 0
+    count = nodes.count or profile.num_nodes
+    if profile.launcher == "deepspeed" and count > 1:
+        write_deepspeed_hostfile(count, nodes.procs or profile.num_processes)
     full_env = {**os.environ, **(env or {})}
     if log_file is None:
-        return subprocess.call(cmd, env=full_env)
+        return _run(cmd, full_env)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w", encoding="utf-8") as fh:
-        return subprocess.call(cmd, env=full_env, stdout=fh, stderr=subprocess.STDOUT)
+        return _run(cmd, full_env, stdout=fh, stderr=subprocess.STDOUT)
+
+
+def _run(cmd: list[str], env: dict, **kwargs) -> int:
+    """Run the launcher. SIGUSR1 would kill the launchers (torchrun's agent, accelerate, deepspeed), so it is ignored
+    here and by them (an ignored signal stays ignored across exec); the ranks install their own handler for it
+    (dpo_dist.checkpoints). SIGTERM is passed on to the launcher, which passes it to its ranks."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    proc = subprocess.Popen(cmd, env=env, **kwargs)
+    signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
+    return proc.wait()

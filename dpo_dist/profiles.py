@@ -24,6 +24,7 @@ class Profile:
     name: str
     description: str = ""
     launcher: Literal["python", "accelerate", "deepspeed", "torchrun"] = "python"
+    device: Literal["gpu", "cpu"] = "gpu"  # what each process runs on; Slurm jobs request GPUs only for gpu
     accelerate_config: str | None = None  # configs/accelerate/*.yaml, relative to the project root
     deepspeed_config: str | None = None  # configs/deepspeed/*.json
     num_processes: int = 1  # per node

@@ -40,9 +40,8 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _latest_checkpoint(run_dir: Path) -> str | None:
-    ckpts = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return str(ckpts[-1]) if ckpts else None
+class Stopped(Exception):
+    """Training stopped on request after saving a complete checkpoint (see dpo_dist.checkpoints)."""
 
 
 def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: str, run_dir: Path,
@@ -55,6 +54,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
     from dpo_dist.data.tokenize import prepare_dataset
     from dpo_dist.merge import merge_adapter
     from dpo_dist.models import adapter_dtype, cast_trainable, load_model, load_tokenizer, lora_config
+    from dpo_dist.checkpoints import CheckpointMarker, StopOnRequest, latest_complete
     from dpo_dist.stages.common import MetricsLogger, fault_callbacks, model_facts, precision_of, save_trained
     from dpo_dist.stages.dpo import build_dpo_trainer, dpo_args
     from dpo_dist.stages.sft import build_sft_trainer, sft_args
@@ -108,7 +108,8 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
     peft_config = lora_config(method_cfg) if method in ("lora", "qlora") else None
 
     # ---- trainer --------------------------------------------------------------------------------------------------
-    callbacks = [MetricsLogger(run_dir / "metrics.jsonl"), *fault_callbacks()]
+    stop = StopOnRequest(stage.name, log=log)
+    callbacks = [MetricsLogger(run_dir / "metrics.jsonl"), CheckpointMarker(), stop, *fault_callbacks()]
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # read by transformers' TB callback
     build = build_dpo_trainer if kind == "dpo" else build_sft_trainer
     init_fsdp_state(backend, "bf16" if args.bf16 else "fp16" if args.fp16 else "no")
@@ -120,10 +121,16 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
         cast_trainable(trainer.model, adapter_dtype(precision, backend.kind))
 
     # ---- train ----------------------------------------------------------------------------------------------------
-    checkpoint = _latest_checkpoint(run_dir) if resume else None
+    checkpoint = latest_complete(run_dir, log=log) if resume else None
     if checkpoint:
         log(f"[train] resuming {stage.name} from {checkpoint}")
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if stop.stopped_at is not None:
+        saved = run_dir / "checkpoints" / f"checkpoint-{stop.stopped_at}"
+        if is_main_process():
+            stop.acknowledge(saved)
+        raise Stopped(f"{stage.name} stopped at step {stop.stopped_at} after saving {saved}; "
+                      "run it again with --resume to continue")
 
     # ---- save -----------------------------------------------------------------------------------------------------
     output = run_dir / ("adapter" if peft_config is not None else "model")
@@ -189,8 +196,10 @@ def run_recipe(recipe: Recipe, profile: Profile, only: str | None = None, resume
     for i, stage in enumerate(recipe.stages):
         run_dir = out / stage.name
         has_next = i + 1 < len(recipe.stages)
-        if only and stage.name != only:
-            done = run_dir / "summary.json"
+        done = run_dir / "summary.json"
+        if (only and stage.name != only) or (resume and not only and done.is_file()):
+            if resume and not only:
+                log(f"[train] stage {i + 1}/{len(recipe.stages)}: {stage.name} finished earlier ({done}); skipping it")
             if recipe.chain and done.is_file():  # a finished earlier stage feeds the next one
                 base = json.loads(done.read_text())["model_path"]
             continue
@@ -226,7 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    run_recipe(recipe, profile, only=args.stage, resume=args.resume, backend=backend)
+    try:
+        run_recipe(recipe, profile, only=args.stage, resume=args.resume, backend=backend)
+    except Stopped as stopped:
+        if is_main_process():
+            print(f"[train] {stopped}", flush=True)
+        return 0  # a clean, requested stop: launchers treat any other code as a crashed rank
     return 0
 
 

@@ -100,20 +100,30 @@ class MetricsLogger(TrainerCallback):
 
 
 class KillAtStep(TrainerCallback):
-    """Fault injection: every rank SIGKILLs itself when step `step` ends, before it is logged or saved, as a
-    node loss would. Enabled by DPO_DIST_KILL_AT_STEP=N; used to prove that --resume continues exactly."""
+    """Fault injection, from DPO_DIST_KILL_AT_STEP=N[:SIGNAL][@RANK]: when step N ends (before it is logged or
+    saved), the process sends itself SIGNAL (default KILL, as a node loss would), on every rank or only on RANK.
+    Used to prove that --resume continues exactly and that USR1/TERM checkpoint and stop."""
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, spec: str):
+        step, _, rest = spec.partition(":")
+        name, _, rank = rest.partition("@")
+        try:
+            self.step = int(step)
+            self.signal = signal.Signals["SIG" + (name or "KILL").upper().removeprefix("SIG")]
+            self.rank = int(rank) if rank else None
+        except (ValueError, KeyError):
+            raise ValueError(f"DPO_DIST_KILL_AT_STEP={spec!r}: expected N, N:SIGNAL or N:SIGNAL@RANK "
+                             "(e.g. 3, 3:USR1, 3:TERM@1)") from None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
+        rank = int(os.environ.get("RANK", "0"))
+        if state.global_step == self.step and self.rank in (None, rank):
+            os.kill(os.getpid(), self.signal)
 
 
 def fault_callbacks() -> list:
-    step = os.environ.get("DPO_DIST_KILL_AT_STEP")
-    return [KillAtStep(int(step))] if step else []
+    spec = os.environ.get("DPO_DIST_KILL_AT_STEP")
+    return [KillAtStep(spec)] if spec else []
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
