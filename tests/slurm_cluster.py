@@ -57,7 +57,8 @@ class Cluster:
             (root / sub).mkdir(parents=True, exist_ok=True)
         lines = [
             "ClusterName=dpodist", f"SlurmctldHost={host}(127.0.0.1)", f"SlurmctldPort={ctld}",
-            "AuthType=auth/munge", f"AuthInfo=socket={root}/munge.sock", "CredType=cred/munge",
+            # A requeued job may start again only once its old credential expires (default 120 s); 10 s here.
+            "AuthType=auth/munge", f"AuthInfo=socket={root}/munge.sock,cred_expire=10", "CredType=cred/munge",
             "SlurmUser=root", "SlurmdUser=root", f"StateSaveLocation={root}/state", f"SlurmdSpoolDir={root}/spool/%n",
             f"SlurmctldPidFile={root}/slurmctld.pid", f"SlurmdPidFile={root}/slurmd-%n.pid",
             f"SlurmctldLogFile={root}/slurmctld.log", f"SlurmdLogFile={root}/slurmd-%n.log",

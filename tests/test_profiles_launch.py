@@ -10,7 +10,7 @@ import torch
 
 from dpo_dist import cli
 from dpo_dist.backends import Backend, Launch, check_run, resolve, trainer_overrides
-from dpo_dist.launch import Nodes, build_command
+from dpo_dist.launch import Nodes, build_command, deepspeed_hostfile, write_deepspeed_hostfile
 from dpo_dist.models import load_kwargs
 from dpo_dist.profiles import ROOT, Profile, load_profile, profile_names
 from dpo_dist.recipe import MethodConfig, ModelConfig, recipe_from_dict
@@ -120,7 +120,13 @@ def test_multi_node_flags():
     assert ("--num_processes 16 --num_machines 2 --machine_rank 1 --main_process_ip 10.0.0.5 "
             "--main_process_port 29400") in joined
     cmd = build_command("r.yaml", load_profile("8xh100-zero3-qlora"), "8xh100-zero3-qlora", Nodes(4, 3, "h0", 29400))
-    assert "--num_gpus 8 --num_nodes 4 --node_rank 3 --no_ssh --master_addr h0 --master_port 29400" in " ".join(cmd)
+    hostfile = str(deepspeed_hostfile(4, 8))
+    assert (f"--num_gpus 8 --hostfile {hostfile} --num_nodes 4 --node_rank 3 --no_ssh --master_addr h0 "
+            "--master_port 29400") in " ".join(cmd)
+    assert write_deepspeed_hostfile(4, 8).read_text() == "".join(f"node{i} slots=8\n" for i in range(4))
+    # --nproc-per-node changes the processes per node, never the profile's other settings
+    cmd = build_command("r.yaml", p, "8xh100-fsdp-qlora", Nodes(2, 0, "h0", 29400, procs=1))
+    assert "--num_processes 2 --num_machines 2 --machine_rank 0" in " ".join(cmd)
     cmd = build_command("r.yaml", load_profile("8gpu-ddp-qlora"), "8gpu-ddp-qlora", Nodes(2, 0, "h0", 29400))
     assert "--nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=h0 --master_port=29400" in " ".join(cmd)
     with pytest.raises(ConfigError, match="node-rank 2"):
