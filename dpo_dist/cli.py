@@ -61,7 +61,10 @@ def _slurm(args) -> int:
 
     log_dir = Path(args.log_dir).resolve()
     log_dir.mkdir(parents=True, exist_ok=True)  # Slurm cannot open --output in a missing directory
-    path = Path(args.script_out) if args.script_out else log_dir / f"{spec.job_name or 'job'}-{Path(args.recipe).stem}.sbatch"
+    import re
+
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{spec.job_name or 'job'}-{Path(args.recipe).stem}")
+    path = Path(args.script_out) if args.script_out else log_dir / f"{stem}.sbatch"
     job = submit(text, path)
     print(f"submitted job {job}: script {path}, logs {log_dir}/{job}-*.log")
     return 0
