@@ -60,9 +60,17 @@ def test_sft_lora_writes_adapter_metrics_summary_and_resumes(tiny_base, tmp_path
     assert not any("lm_head" in k for k in adapter)  # all linear layers except the output layer
     assert {p.name for p in (run / "checkpoints").glob("checkpoint-*")} == {"checkpoint-2", "checkpoint-4"}
 
-    # Resume from checkpoint-2 (as after a crash): the same final adapter, the same step-3/4 losses.
+    # A finished stage is skipped by --resume: nothing is retrained or rewritten.
+    summary_text = (run / "summary.json").read_text()
+    assert run_recipe(recipe, PROFILE, resume=True, log=lambda *_: None) == []
+    assert (run / "summary.json").read_text() == summary_text
+
+    # Resume from checkpoint-2 (as after a crash after step 3: no checkpoint-4, no final adapter or summary):
+    # the same final adapter, the same step-3/4 losses.
     import shutil
     shutil.rmtree(run / "checkpoints" / "checkpoint-4")
+    shutil.rmtree(run / "adapter")
+    (run / "summary.json").unlink()
     lines = (run / "metrics.jsonl").read_text().splitlines()
     (run / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")
     (resumed,) = run_recipe(recipe, PROFILE, resume=True, log=lambda *_: None)
