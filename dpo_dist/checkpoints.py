@@ -47,11 +47,14 @@ def _write_synced(path: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    try:  # make the rename durable; some network and FUSE filesystems refuse fsync on a directory
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def _barrier() -> None:
@@ -111,7 +114,8 @@ class StopOnRequest(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.requested is None and self.stop_file and os.path.exists(self.stop_file):
             self.requested = f"stop file {self.stop_file}"
-        if _any_rank(self.requested is not None):
+        if _any_rank(self.requested is not None) and state.global_step < state.max_steps:
+            # (at the last step the run is ending anyway: let it save its final adapter)
             self.stopped_at = state.global_step
             control.should_save = True
             control.should_training_stop = True

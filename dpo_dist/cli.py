@@ -52,7 +52,7 @@ def _slurm(args) -> int:
 
     spec = JobSpec(nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition, time=args.time,
                    account=args.account, job_name=args.job_name, master_port=args.master_port, log_dir=args.log_dir,
-                   signal_lead_s=args.signal_lead, extra=args.sbatch)
+                   signal_lead_s=args.signal_lead, extra=args.sbatch, resume=args.resume)
     text = render(args.recipe, args.profile, args.overrides, spec)
     if args.dry_run:
         print(text, end="")
@@ -75,8 +75,11 @@ def _slurm_run(args) -> int:
 
     from dpo_dist.slurm import run_job
 
-    return run_job(args.recipe, args.profile, args.overrides, args.script, args.gpus_per_node, args.master_port,
-                   Path(args.log_dir))
+    port = args.master_port if args.master_port is not None else os.environ.get("MASTER_PORT") or "29500"
+    if not str(port).isdigit():
+        raise ConfigError(f"MASTER_PORT={port!r}: must be a port number")
+    return run_job(args.recipe, args.profile, args.overrides, args.script, args.gpus_per_node, int(port),
+                   Path(args.log_dir), resume=args.resume)
 
 
 def _parity(args) -> int:
@@ -165,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
                    help="another #SBATCH option, e.g. --sbatch=--qos=high (repeatable)")
     p.add_argument("--script-out", help="where to write the script (default: in --log-dir)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the output directory's checkpoints (a requeued job always does)")
     p.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
     p.set_defaults(func=_slurm)
 
@@ -175,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--script", required=True, choices=["accelerate", "deepspeed"],
                    help="which shipped script this is (it checks the profile's launcher)")
     p.add_argument("--gpus-per-node", type=int)
-    p.add_argument("--master-port", type=int, default=int(os.environ.get("MASTER_PORT", 29500)))
+    p.add_argument("--master-port", type=int, help="rendezvous port (default: $MASTER_PORT, else 29500)")
+    p.add_argument("--resume", action="store_true", help="resume on the first run too (a requeued run always does)")
     p.add_argument("--log-dir", default=os.environ.get("DPO_DIST_LOG_DIR", "logs/slurm"))
     p.set_defaults(func=_slurm_run)
 

@@ -80,7 +80,7 @@ def deepspeed_hostfile(count: int, procs: int) -> Path:
     """Where the multi-node deepspeed command reads its hostfile: `node<i> slots=<procs>` for each node."""
     import tempfile
 
-    return Path(tempfile.gettempdir()) / f"dpo-dist-hostfile-{count}x{procs}"
+    return Path(tempfile.gettempdir()) / f"dpo-dist-hostfile-{os.getuid()}-{count}x{procs}"
 
 
 def write_deepspeed_hostfile(count: int, procs: int) -> Path:
@@ -127,10 +127,24 @@ def launch(recipe: str, profile_arg: str, overrides: list[str], nodes: Nodes | N
 
 
 def _run(cmd: list[str], env: dict, **kwargs) -> int:
-    """Run the launcher. SIGUSR1 would kill the launchers (torchrun's agent, accelerate, deepspeed), so it is ignored
-    here and by them (an ignored signal stays ignored across exec); the ranks install their own handler for it
-    (dpo_dist.checkpoints). SIGTERM is passed on to the launcher, which passes it to its ranks."""
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    proc = subprocess.Popen(cmd, env=env, **kwargs)
-    signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
-    return proc.wait()
+    """Run the launcher and wait for it, with the caller's signal handlers restored afterwards.
+
+    SIGUSR1 would kill the launchers (torchrun's agent, accelerate, deepspeed), so it is ignored here and by them (an
+    ignored signal stays ignored across exec); the ranks install their own handler (dpo_dist.checkpoints). SIGTERM
+    is passed on to the launcher, except inside a Slurm step, where Slurm signals every process itself and a second
+    TERM would cut torchrun's shutdown short; either way this process keeps waiting for the launcher."""
+    in_slurm_step = "SLURM_STEP_ID" in os.environ
+    proc: subprocess.Popen | None = None
+
+    def on_term(signum, frame):
+        if proc is not None and not in_slurm_step:
+            proc.send_signal(signum)
+
+    previous = {signal.SIGUSR1: signal.signal(signal.SIGUSR1, signal.SIG_IGN),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, on_term)}
+    try:
+        proc = subprocess.Popen(cmd, env=env, **kwargs)
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

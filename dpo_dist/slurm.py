@@ -92,7 +92,7 @@ def _slurm_gpus_per_node() -> int | None:
 
 
 def run_job(recipe: str, profile_arg: str, overrides: list[str], script: str, gpus_per_node: int | None,
-            master_port: int, log_dir: Path) -> int:
+            master_port: int, log_dir: Path, resume: bool = False) -> int:
     profile = load_profile(profile_arg)
     if profile.launcher not in LAUNCHERS[script]:
         raise ConfigError(f"profile {profile.name} uses the {profile.launcher} launcher; submit it with "
@@ -100,10 +100,12 @@ def run_job(recipe: str, profile_arg: str, overrides: list[str], script: str, gp
     alloc = Allocation.from_env()
     gpus_per_node = gpus_per_node or _slurm_gpus_per_node()
     master = node_address(first_host(alloc.nodelist))
+    log_dir = log_dir.resolve()
     log_dir.mkdir(parents=True, exist_ok=True)
     stop = log_dir / f"{alloc.job_id}.stop"
     ack = Path(f"{stop}.checkpointed")
     restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    resume = resume or restarts not in ("", "0")  # a first run starts fresh unless asked; a requeued one resumes
     print(f"[slurm] job {alloc.job_id} (restart {restarts}): {alloc.nodes} node(s), master {master}:{master_port}, "
           f"per-node logs {log_dir}/{alloc.job_id}-node<N>.log", flush=True)
     if ack.is_file():
@@ -111,23 +113,32 @@ def run_job(recipe: str, profile_arg: str, overrides: list[str], script: str, gp
     for stale in (stop, ack):
         stale.unlink(missing_ok=True)
 
+    received: list[str] = []
+
     def request_stop(signum, frame):
-        print(f"[slurm] {signal.Signals(signum).name}: asking the ranks to checkpoint and stop", flush=True)
+        received.append(signal.Signals(signum).name)
+        print(f"[slurm] {received[-1]}: asking the ranks to checkpoint and stop", flush=True)
         stop.touch()
 
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, request_stop)
 
     node_cmd = [sys.executable, "-m", "dpo_dist.cli", "launch", recipe, "--profile", profile_arg, "--slurm",
-                "--master-addr", master, "--master-port", str(master_port), "--resume",
+                "--master-addr", master, "--master-port", str(master_port), *(["--resume"] if resume else []),
                 *(["--nproc-per-node", str(gpus_per_node)] if gpus_per_node else []), *overrides]
+    # Each node's task gets every CPU the job holds there (srun does not inherit sbatch's --cpus-per-task).
+    cpus = os.environ.get("SLURM_CPUS_ON_NODE", "")
     srun = ["srun", f"--nodes={alloc.nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--open-mode=append",
-            f"--output={log_dir}/%j-node%n.log", *node_cmd]
+            *([f"--cpus-per-task={cpus}"] if cpus.isdigit() else []), f"--output={log_dir}/%j-node%n.log", *node_cmd]
     env = {**os.environ, "DPO_DIST_STOP_FILE": str(stop)}
     rc = subprocess.Popen(srun, env=env).wait()
-    if ack.is_file():
+    if ack.is_file() and "SIGUSR1" in received:
         print(f"[slurm] checkpoint confirmed ({ack.read_text().strip()}); requeueing job {alloc.job_id}", flush=True)
         _scontrol("requeue", alloc.job_id)
+        return 0
+    if ack.is_file():  # SIGTERM: a cancel or Slurm's own preemption, which requeues (or not) by its own policy
+        print(f"[slurm] checkpoint confirmed ({ack.read_text().strip()}) after {received}; not requeueing: "
+              "Slurm decides after a cancel or preemption; resubmit with --resume to continue", flush=True)
         return 0
     if stop.exists():
         print(f"[slurm] stop was requested but no checkpoint was confirmed (exit {rc}); not requeueing", flush=True)
@@ -150,6 +161,7 @@ class JobSpec:
     log_dir: str = "logs/slurm"
     signal_lead_s: int = 120
     extra: list[str] = field(default_factory=list)  # more #SBATCH options, e.g. --qos=high
+    resume: bool = False  # resume from the output directory's checkpoints on the first run too
 
 
 def render(recipe: str, profile_arg: str, overrides: list[str], spec: JobSpec) -> str:
@@ -160,7 +172,7 @@ def render(recipe: str, profile_arg: str, overrides: list[str], spec: JobSpec) -
     recipe_path = str(Path(recipe).resolve())
     log_dir = str(Path(spec.log_dir).resolve())
     name = spec.job_name or f"dpo-dist-{Path(recipe).stem}"
-    options = [f"--job-name={name}", f"--nodes={spec.nodes}", "--ntasks-per-node=1", "--requeue",
+    options = [f"--job-name={name}", f"--nodes={spec.nodes}", "--ntasks-per-node=1", "--exclusive", "--requeue",
                f"--signal=B:USR1@{spec.signal_lead_s}", "--open-mode=append", f"--output={log_dir}/%j-batch.log"]
     if profile.device == "gpu":
         options.append(f"--gpus-per-node={procs}")
@@ -172,7 +184,8 @@ def render(recipe: str, profile_arg: str, overrides: list[str], spec: JobSpec) -
             raise ConfigError(f"sbatch option {opt!r}: a newline cannot go into an #SBATCH line")
     driver = [sys.executable, "-m", "dpo_dist.cli", "slurm-run", recipe_path, "--profile", profile_arg,
               "--script", script, "--master-port", str(spec.master_port), "--log-dir", log_dir,
-              *(["--gpus-per-node", str(spec.gpus_per_node)] if spec.gpus_per_node else []), *overrides]
+              *(["--gpus-per-node", str(spec.gpus_per_node)] if spec.gpus_per_node else []),
+              *(["--resume"] if spec.resume else []), *overrides]
     lines = ["#!/bin/bash", *(f"#SBATCH {shlex.quote(opt)}" for opt in options),
              f"# Written by `dpo-dist slurm`; the same driver as scripts/slurm/{script}.sbatch. Resubmit: sbatch <this file>",
              "set -euo pipefail", f"cd {shlex.quote(os.getcwd())}", f"exec {shlex.join(driver)}", ""]

@@ -28,7 +28,7 @@ def test_gpu_job_script_has_the_allocation_and_requeue_options():
     text = render(RECIPE, "8xh100-fsdp-qlora", ["stages.dpo.train.learning_rate=5e-6"],
                   JobSpec(nodes=4, partition="gpu", time="2-00:00:00", account="proj", extra=["--qos=high"]))
     opts = sbatch_options(text)
-    for want in ("--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8", "--requeue", "--signal=B:USR1@120",
+    for want in ("--nodes=4", "--ntasks-per-node=1", "--exclusive", "--gpus-per-node=8", "--requeue", "--signal=B:USR1@120",
                  "--partition=gpu", "--time=2-00:00:00", "--account=proj", "--qos=high", "--open-mode=append"):
         assert want in opts, (want, opts)
     args = exec_args(text)
@@ -77,3 +77,22 @@ def test_driver_refuses_outside_slurm_and_the_wrong_script(monkeypatch, tmp_path
         run_job(RECIPE, "8xh100-zero3-qlora", [], "accelerate", None, 29500, tmp_path)
     env = {"SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_NODEID": "1"}
     assert Allocation.from_env(env) == Allocation("7", 2, 1, "gpu[01-02]")
+
+
+def test_running_a_launcher_restores_the_callers_signal_handlers():
+    import signal
+
+    from dpo_dist.launch import _run
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    # the child sees SIGUSR1 ignored (launchers would die of it) and SIGTERM at its default
+    code = ("import signal,sys; sys.exit(0 if signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN "
+            "and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else 3)")
+    assert _run([sys.executable, "-c", code], env=dict(__import__("os").environ)) == 0
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_first_run_starts_fresh_unless_asked():
+    text = render(RECIPE, "8xh100-fsdp-qlora", [], JobSpec())
+    assert "--resume" not in exec_args(text)
+    assert "--resume" in exec_args(render(RECIPE, "8xh100-fsdp-qlora", [], JobSpec(resume=True)))

@@ -78,8 +78,9 @@ class MetricsLogger(TrainerCallback):
         self._last_tokens = 0.0
         for entry in state.log_history:  # resuming: continue the token count where it was
             self._last_tokens = entry.get("num_tokens", self._last_tokens)
-        if state.global_step and state.is_world_process_zero and self.path.is_file():
-            # Resuming from checkpoint-N: rows logged after step N by the interrupted run are redone, so drop them.
+        if state.is_world_process_zero and self.path.is_file():
+            # Resuming from checkpoint-N (N = 0: no complete checkpoint): rows logged after step N by the interrupted
+            # run are redone, so drop them.
             rows = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
             self.path.write_text("".join(row + "\n" for row in rows))
