@@ -57,10 +57,16 @@ def _write_synced(path: Path, text: str) -> None:
         pass
 
 
+def _multi_rank() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _barrier() -> None:
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _multi_rank():
         dist.barrier()
 
 
@@ -69,7 +75,7 @@ def _any_rank(flag: bool) -> bool:
     import torch
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not _multi_rank():
         return flag
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     value = torch.tensor([1 if flag else 0], device=device)

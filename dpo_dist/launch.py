@@ -109,13 +109,13 @@ def launch(recipe: str, profile_arg: str, overrides: list[str], nodes: Nodes | N
            resume: bool = False, dry_run: bool = False, log_file: Path | None = None, env: dict | None = None) -> int:
     profile = load_profile(profile_arg)
     nodes = nodes or Nodes()
-    preflight(recipe, profile, overrides, nodes.count or profile.num_nodes, nodes.procs)
+    count = nodes.count or profile.num_nodes
+    preflight(recipe, profile, overrides, count, nodes.procs)
     train_args = [*(["--stage", stage] if stage else []), *(["--resume"] if resume else []), *overrides]
     cmd = build_command(recipe, profile, profile_arg, nodes, train_args)
     print(shlex.join(cmd), flush=True)
     if dry_run:
         return 0
-    count = nodes.count or profile.num_nodes
     if profile.launcher == "deepspeed" and count > 1:
         write_deepspeed_hostfile(count, nodes.procs or profile.num_processes)
     full_env = {**os.environ, **(env or {})}

@@ -5,12 +5,13 @@ job's batch step on the first node and:
 
 1. reads the allocation: node count from SLURM_NNODES; the master is the first host of SLURM_JOB_NODELIST, at the
    address Slurm itself uses for that node (its NodeAddr);
-2. starts one `dpo-dist launch ... --slurm --resume` per node with srun. Each takes its machine rank from
+2. starts one `dpo-dist launch ... --slurm` per node with srun (with --resume once the job was requeued, or when
+   asked). Each takes its machine rank from
    SLURM_NODEID and runs the profile's own launcher (accelerate launch, torchrun or deepspeed --no_ssh), so no
    ssh or pdsh is needed between nodes. Each node logs to its own file;
 3. on SIGUSR1 or SIGTERM (sbatch --signal=B:USR1@120, scancel --batch --signal=USR1) creates the stop file
    that the ranks watch (dpo_dist.checkpoints): they save a complete checkpoint at the end of the step and exit;
-4. requeues the job when the ranks confirm that checkpoint. The requeued job starts the same way and --resume
+4. after USR1, requeues the job when the ranks confirm that checkpoint. The requeued job starts the same way and --resume
    continues from the latest complete checkpoint.
 
 Nothing here goes through a shell: every command is an argument list, and the script `dpo-dist slurm` writes
@@ -26,10 +27,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dpo_dist.profiles import ROOT, load_profile
+from dpo_dist.profiles import load_profile
 from dpo_dist.schema import ConfigError
 
-SCRIPTS = ROOT / "scripts" / "slurm"
 LAUNCHERS = {"accelerate": ("accelerate", "torchrun"), "deepspeed": ("deepspeed",)}
 
 

@@ -199,9 +199,10 @@ def model_facts(model) -> dict:
     for param in model.parameters():
         n = _local_numel(param)
         total += n
-        all_dtypes.add(str(param.dtype).replace("torch.", ""))
+        dtype = str(param.dtype).replace("torch.", "")
+        all_dtypes.add(dtype)
         if param.requires_grad:
             trainable += n
-            dtypes.add(str(param.dtype).replace("torch.", ""))
+            dtypes.add(dtype)
     return {"params_on_rank": total, "trainable_on_rank": trainable, "trainable_dtypes": sorted(dtypes),
             "param_dtypes": sorted(all_dtypes), "linear4bit_modules": quantized}
