@@ -93,6 +93,12 @@ def _parity(args) -> int:
     return 0 if ok else 1
 
 
+def _validate(args) -> int:
+    from dpo_dist.validate import run
+
+    return run(args)
+
+
 def _profiles(args) -> int:
     from dpo_dist.profiles import load_profile, profile_names
 
@@ -184,6 +190,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="resume on the first run too (a requeued run always does)")
     p.add_argument("--log-dir", default=os.environ.get("DPO_DIST_LOG_DIR", "logs/slurm"))
     p.set_defaults(func=_slurm_run)
+
+    p = sub.add_parser("validate", help="check a recipe's data (or one data file) without loading a model: "
+                       "every bad row as FILE:LINE: field: reason")
+    p.add_argument("recipe", nargs="?", help="recipe to check (every stage's data.train and data.eval)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("--data", metavar="FILE", help="check this file (or pretrain directory) instead of a recipe")
+    p.add_argument("--format", dest="kind", choices=["sft", "dpo", "pretrain"], help="with --data: the kind of data")
+    p.add_argument("--data-format", default="auto", help="with --data: firefly, openai, sharegpt, alpaca, pair, "
+                   "ultrafeedback, text or auto (default)")
+    p.add_argument("--split", default="train", help="with --data: split of a Hugging Face dataset (default train)")
+    p.add_argument("--tokenizer", metavar="PATH", help="with --data: tokenizer for token-length checks")
+    p.add_argument("--template", help="with --tokenizer: chat template name (default: the tokenizer's own)")
+    p.add_argument("--max-length", type=int, help="with --tokenizer: max_length (default 2048)")
+    p.add_argument("--max-prompt-length", type=int, help="with --tokenizer, dpo: max_prompt_length "
+                   "(default max_length/2)")
+    p.add_argument("--max-lines", type=int, metavar="N", help="show at most N lines per kind of problem")
+    p.add_argument("--strict", action="store_true", help="also fail (exit 1) on warnings")
+    p.set_defaults(func=_validate)
 
     p = sub.add_parser("profiles", help="list the launch profiles")
     p.set_defaults(func=_profiles)

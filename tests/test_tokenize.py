@@ -161,3 +161,45 @@ def test_skipped_rows_are_reported(tokenizer, tmp_path):
     assert len(out.report["skipped"]) == 2
     assert ":2:" in out.report["skipped"][0] and ":3:" in out.report["skipped"][1]
     assert any("2 skipped" in line for line in logs)
+
+
+def test_skip_logs_exactly_the_skipped_rows(tokenizer, tmp_path):
+    good = {"conversation": [{"human": "q", "assistant": "a"}]}
+    src = write_jsonl(tmp_path / "sft.jsonl", [
+        good,
+        "{not json",
+        {"conversation": [{"human": "q2", "assistant": " "}]},
+        {"conversation": [{"human": "q3", "assistant": "a3"}]},
+        {"messages": []},
+        good,
+    ])
+    logs = []
+    out = prepare_dataset("sft", str(src), tokenizer, Renderer(tokenizer, "qwen"), max_length=64,
+                          on_bad_row="skip", log=logs.append)
+    skipped = [line[len("[data] skipped "):] for line in logs if line.startswith("[data] skipped ")]
+    assert skipped == out.report["skipped"]
+    assert [line.split(": ")[:2] for line in skipped] == [
+        [f"{src}:2", "row"], [f"{src}:3", "conversation[0].assistant"], [f"{src}:5", "row"]]
+    assert f"[data] {src}: 1 warning (1 duplicate row); `dpo-dist validate` lists them" in logs
+    assert out.report["warnings"] == {"duplicate": 1}
+    # A second run reads the tokenized cache and still says which rows were skipped.
+    logs.clear()
+    again = prepare_dataset("sft", str(src), tokenizer, Renderer(tokenizer, "qwen"), max_length=64,
+                            on_bad_row="skip", log=logs.append)
+    assert again.from_cache
+    assert [line[len("[data] skipped "):] for line in logs if line.startswith("[data] skipped ")] == skipped
+
+
+def test_skip_log_is_capped_and_points_at_the_report(tokenizer, tmp_path):
+    src = write_jsonl(tmp_path / "sft.jsonl",
+                      [{"conversation": [{"human": "q", "assistant": "a"}]}] + ["{"] * (tk.SKIPPED_LOG_MAX + 10))
+    logs = []
+    out = prepare_dataset("sft", str(src), tokenizer, Renderer(tokenizer, "qwen"), max_length=64,
+                          on_bad_row="skip", log=logs.append)
+    skipped = [line for line in logs if line.startswith("[data] skipped ")]
+    assert len(skipped) == tk.SKIPPED_LOG_MAX
+    assert skipped[0].startswith(f"[data] skipped {src}:2: row: invalid JSON")
+    assert skipped[-1].startswith(f"[data] skipped {src}:{tk.SKIPPED_LOG_MAX + 1}: row: ")
+    n = tk.SKIPPED_LOG_MAX + 10
+    assert f"[data] ... and 10 more: all {n} are listed in data_report.json" in logs
+    assert len(out.report["skipped"]) == n

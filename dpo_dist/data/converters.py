@@ -262,6 +262,7 @@ class _Spec(NamedTuple):
     keys: tuple[str, ...]                 # keys whose presence identifies the format
     accept: Callable[[dict], bool]        # extra check to tell formats with shared keys apart
     convert: Callable[[dict], dict]
+    optional: tuple[str, ...] = ()        # other keys the converter reads
 
 
 def _always(row: dict) -> bool:
@@ -270,13 +271,13 @@ def _always(row: dict) -> bool:
 
 # Order matters for detection: the first spec whose keys are present (and accepts) wins.
 SPECS: dict[str, _Spec] = {
-    "firefly": _Spec("sft", ("conversation",), _always, _firefly),
+    "firefly": _Spec("sft", ("conversation",), _always, _firefly, ("system",)),
     "openai": _Spec("sft", ("messages",), _always, _openai),
-    "sharegpt": _Spec("sft", ("conversations",), _always, _sharegpt),
-    "alpaca": _Spec("sft", ("instruction", "output"), _always, _alpaca),
+    "sharegpt": _Spec("sft", ("conversations",), _always, _sharegpt, ("system",)),
+    "alpaca": _Spec("sft", ("instruction", "output"), _always, _alpaca, ("input", "system")),
     "ultrafeedback": _Spec("dpo", ("chosen", "rejected"),
-                           lambda row: _is(row.get("chosen"), list), _ultrafeedback),
-    "pair": _Spec("dpo", ("prompt", "chosen", "rejected"), _always, _pair),
+                           lambda row: _is(row.get("chosen"), list), _ultrafeedback, ("prompt",)),
+    "pair": _Spec("dpo", ("prompt", "chosen", "rejected"), _always, _pair, ("history", "system")),
     "text": _Spec("pretrain", ("text",), _always, _text),
 }
 
@@ -298,6 +299,14 @@ def describe_formats(kind: str) -> str:
     """``"firefly (conversation), openai (messages), ..."`` for error messages."""
     return ", ".join(f"{name} ({', '.join(spec.keys)})"
                      for name, spec in SPECS.items() if spec.kind == kind)
+
+
+def unknown_keys(row: dict, fmt: str) -> list[str]:
+    """Top-level keys of ``row`` that format ``fmt`` ignores. Null values are not counted:
+    parquet and Hugging Face datasets fill absent columns with null."""
+    spec = SPECS[fmt]
+    known = set(spec.keys) | set(spec.optional)
+    return [str(k) for k, v in row.items() if k not in known and v is not None]
 
 
 def convert(row: dict, fmt: str) -> dict:

@@ -10,10 +10,16 @@ Bad rows are reported as ``"{loc}: {field}: {what}"``. With ``on_bad_row="error"
 first one raises :class:`DataError`; with ``"skip"`` they are collected in
 ``LoadResult.skipped`` and reading goes on. Problems with the source as a whole (missing
 file, unparsable JSON array, unreadable parquet, zero usable rows) always raise.
+
+Suspicious but usable rows (duplicates, a byte order mark, CRLF line ends, ignored keys,
+one DPO response a prefix of the other) are kept and listed in ``LoadResult.warnings``.
+A JSON line longer than ``$DPO_DIST_MAX_LINE_BYTES`` (default 64 MiB) is a bad row; it is
+skipped without ever being held in memory whole.
 """
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
 import os
 import re
@@ -24,8 +30,9 @@ from typing import Any, Callable, Iterator
 from dpo_dist.data import converters as _conv
 from dpo_dist.data.converters import RowError as _RowError
 
-__all__ = ["read_source", "DataError", "BadRow", "LoadResult",
-           "SFT_FORMATS", "DPO_FORMATS", "PRETRAIN_FORMATS"]
+__all__ = ["read_source", "scan_source", "check_source", "DataError", "BadRow", "RowWarning",
+           "LoadResult", "SFT_FORMATS", "DPO_FORMATS", "PRETRAIN_FORMATS", "WARNING_KINDS",
+           "count_warnings", "describe_warning_counts", "max_line_bytes"]
 
 SFT_FORMATS = ("auto", "firefly", "openai", "sharegpt", "alpaca")
 DPO_FORMATS = ("auto", "pair", "ultrafeedback")
@@ -38,8 +45,23 @@ _DIR_EXTS = _FILE_EXTS + (".txt",)
 _HF_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 _LOC = re.compile(r"(.*)(?::(\d+)|#row (\d+))")
 _SUMMARY_MAX = 10
+MAX_LINE_ENV = "DPO_DIST_MAX_LINE_BYTES"
+_DEFAULT_MAX_LINE = 64 << 20
+_CHUNK = 1 << 20
 
-Records = Iterator[tuple[str, Any]]  # (loc, decoded record or a _RowError)
+# Warning kind -> (singular, plural) label used in counted summaries.
+WARNING_KINDS = {
+    "duplicate": ("duplicate row", "duplicate rows"),
+    "bom": ("file starting with a byte order mark", "files starting with a byte order mark"),
+    "crlf": ("file with CRLF line ends", "files with CRLF line ends"),
+    "unknown_key": ("unknown key ignored", "unknown keys ignored"),
+    "dpo_prefix": ("response that is a prefix of the other", "responses that are a prefix of the other"),
+    "prompt_too_long": ("prompt longer than max_prompt_length", "prompts longer than max_prompt_length"),
+    "response_truncated": ("prompt+response over max_length", "prompt+responses over max_length"),
+    "sft_too_long": ("row over max_length", "rows over max_length"),
+}
+
+Records = Iterator[tuple[str, Any]]  # (loc, decoded record, a _RowError or a RowWarning)
 
 
 class DataError(ValueError):
@@ -61,11 +83,49 @@ class BadRow:
 
 
 @dataclass
+class RowWarning:
+    """A usable but suspicious row (or file); ``kind`` is a key of :data:`WARNING_KINDS`."""
+    loc: str
+    field: str
+    kind: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.loc}: {self.field}: warning: {self.reason}"
+
+
+def count_warnings(warnings: list[RowWarning]) -> dict[str, int]:
+    """Warnings per kind, in order of first appearance."""
+    counts: dict[str, int] = {}
+    for w in warnings:
+        counts[w.kind] = counts.get(w.kind, 0) + 1
+    return counts
+
+
+def describe_warning_counts(counts: dict[str, int]) -> str:
+    """``"3 duplicate rows, 1 file with CRLF line ends"``."""
+    parts = []
+    for kind, n in counts.items():
+        one, many = WARNING_KINDS.get(kind, (kind, kind))
+        parts.append(f"{n} {one if n == 1 else many}")
+    return ", ".join(parts)
+
+
+@dataclass
 class LoadResult:
     rows: list[dict]
     skipped: list[BadRow] = dc_field(default_factory=list)
     source: str = ""
     fmt: str = "auto"
+    warnings: list[RowWarning] = dc_field(default_factory=list)
+
+    def warning_summary(self) -> str:
+        """``"7 warnings (3 duplicate rows, 4 ...)"``, or "" when there are none."""
+        if not self.warnings:
+            return ""
+        n = len(self.warnings)
+        return (f"{n} warning{'' if n == 1 else 's'} "
+                f"({describe_warning_counts(count_warnings(self.warnings))})")
 
     def summary(self) -> str:
         """One line: row count, resolved format and where/why rows were skipped."""
@@ -93,17 +153,88 @@ class LoadResult:
         return f"{file} {where}"
 
 
+def _loc_relative_to(loc: str, here: str) -> str:
+    """``loc`` as "line K" / "row K" when it is in the same file as ``here``, else in full."""
+    m, h = _LOC.fullmatch(loc), _LOC.fullmatch(here)
+    if not m or not h or m.group(1) != h.group(1):
+        return loc
+    return f"line {m.group(2)}" if m.group(2) else f"row {m.group(3)}"
+
+
 # ------------------------------------------------------------------------------ readers
 def _utf8_error(raw: bytes, err: UnicodeDecodeError) -> _RowError:
     return _RowError("row", f"not valid UTF-8: byte 0x{raw[err.start]:02x} "
                             f"at byte {err.start + 1} of the line")
 
 
+def max_line_bytes() -> int:
+    """The longest JSON line accepted, from ``$DPO_DIST_MAX_LINE_BYTES`` (read on every call)."""
+    raw = os.environ.get(MAX_LINE_ENV, "").strip()
+    if not raw:
+        return _DEFAULT_MAX_LINE
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if limit <= 0:
+        raise DataError(f"{MAX_LINE_ENV}={raw!r}: expected a positive number of bytes")
+    return limit
+
+
+def _discard_rest_of_line(f, head: bytes) -> int:
+    """Read past the rest of a line whose first bytes were ``head``, in bounded chunks.
+
+    Returns the whole line's size in bytes, without its line end."""
+    size, tail = len(head), head[-1:]
+    while chunk := f.readline(_CHUNK):
+        size += len(chunk)
+        if chunk.endswith(b"\n"):
+            return size - (2 if (tail + chunk).endswith(b"\r\n") else 1)
+        tail = chunk[-1:]
+    return size
+
+
+def _bom_warning(loc: str) -> RowWarning:
+    return RowWarning(loc, "row", "bom", "file starts with a UTF-8 byte order mark (accepted; "
+                                         "some tools read it as part of the first key)")
+
+
+def _json_error(e: json.JSONDecodeError, line: str, cut: bool) -> _RowError:
+    if line[e.pos:e.pos + 1] == "\ufeff":
+        return _RowError("row", f"byte order mark inside the file at column {e.colno} "
+                                "(bytes EF BB BF): concatenated files?")
+    # json's "Unterminated string starting at" already ends with "at"
+    reason = f"invalid JSON: {e.msg}{'' if e.msg.endswith(' at') else ' at'} column {e.colno}"
+    if cut and (e.msg.startswith("Unterminated") or e.pos >= len(line.rstrip()) - 1):
+        reason += "; the file ends in the middle of this line (truncated file?)"
+    return _RowError("row", reason)
+
+
 def _iter_jsonl(path: Path, name: str) -> Records:
+    limit = max_line_bytes()
+    crlf, first_crlf, lineno = 0, "", 0
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+        # readline(limit + 1) never holds more than the limit: a longer line is detected by
+        # its missing newline and the rest of it is read past in chunks.
+        while raw := f.readline(limit + 1):
+            lineno += 1
             loc = f"{name}:{lineno}"
-            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+            if len(raw) > limit and not raw.endswith(b"\n"):
+                size = _discard_rest_of_line(f, raw)
+                if size > limit:
+                    yield loc, _RowError("row", f"line is {size} bytes, over the {limit}-byte "
+                                                f"limit ({MAX_LINE_ENV})")
+                    continue
+                raw += b"\n"  # exactly at the limit, ending in CRLF: only the "\n" was left
+            if raw.endswith(b"\r\n"):
+                crlf += 1
+                first_crlf = first_crlf or loc
+            if raw.startswith(codecs.BOM_UTF8):
+                if lineno > 1:
+                    yield loc, _RowError("row", "byte order mark inside the file: the line starts "
+                                                "with bytes EF BB BF; concatenated files?")
+                    continue
+                yield loc, _bom_warning(loc)
                 raw = raw[len(codecs.BOM_UTF8):]
             try:
                 line = raw.decode("utf-8")
@@ -112,20 +243,42 @@ def _iter_jsonl(path: Path, name: str) -> Records:
                 continue
             if not line.strip():
                 continue
+            line = line.rstrip("\r\n")  # so an error at the end of the line gets this line's column
             try:
                 yield loc, json.loads(line)
             except json.JSONDecodeError as e:
-                yield loc, _RowError("row", f"invalid JSON: {e.msg} at column {e.colno}")
+                yield loc, _json_error(e, line, cut=not raw.endswith(b"\n"))
+    if crlf:
+        yield first_crlf, RowWarning(first_crlf, "row", "crlf",
+                                     f"{crlf} of {lineno} lines end with CRLF (Windows line ends); "
+                                     "accepted, first here")
+
+
+def _first_byte(path: Path) -> tuple[bytes, bool]:
+    """The first byte after a BOM and whitespace (b"" if none), and whether there is a BOM."""
+    with open(path, "rb") as f:
+        start = f.read(len(codecs.BOM_UTF8))
+        bom = start == codecs.BOM_UTF8
+        chunk = b"" if bom else start
+        while True:
+            stripped = chunk.lstrip()
+            if stripped:
+                return stripped[:1], bom
+            chunk = f.read(_CHUNK)
+            if not chunk:
+                return b"", bom
 
 
 def _iter_json(path: Path, name: str) -> Records:
     """A JSON array of objects, or (anything else) JSON lines."""
-    data = path.read_bytes()
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8):]
-    head = data.lstrip()[:1]
-    if head not in (b"[", b"{"):
+    head, bom = _first_byte(path)
+    # JSON lines are streamed; only a file small enough to be one line is checked for
+    # being a single multi-line object, so a huge file is never read whole for that.
+    if head not in (b"[", b"{") or (head == b"{" and path.stat().st_size > max_line_bytes()):
         return _iter_jsonl(path, name)
+    data = path.read_bytes()
+    if bom:
+        data = data[len(codecs.BOM_UTF8):]
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -147,7 +300,14 @@ def _iter_json(path: Path, name: str) -> Records:
     except json.JSONDecodeError as e:
         raise DataError(f"{name}:{e.lineno}: row: invalid JSON: {e.msg} "
                         f"at column {e.colno}") from None
-    return ((f"{name}#row {i}", item) for i, item in enumerate(items))
+    return _array_records(items, name, bom)
+
+
+def _array_records(items: list, name: str, bom: bool) -> Records:
+    if bom:
+        yield f"{name}#row 0", _bom_warning(f"{name}#row 0")
+    for i, item in enumerate(items):
+        yield f"{name}#row {i}", item
 
 
 def _iter_parquet(path: Path, name: str) -> Records:
@@ -168,6 +328,7 @@ def _iter_txt(path: Path, name: str) -> Records:
     """A whole ``.txt`` file is one pretraining row."""
     data = path.read_bytes()
     if data.startswith(codecs.BOM_UTF8):
+        yield f"{name}:1", _bom_warning(f"{name}:1")
         data = data[len(codecs.BOM_UTF8):]
     try:
         text = data.decode("utf-8")
@@ -175,6 +336,13 @@ def _iter_txt(path: Path, name: str) -> Records:
         line = data.count(b"\n", 0, e.start) + 1
         yield f"{name}:{line}", _RowError("row", f"not valid UTF-8: byte 0x{data[e.start]:02x}")
         return
+    crlf = text.count("\r\n")
+    if crlf:
+        first_line = text.count("\n", 0, text.index("\r\n")) + 1
+        first = f"{name}:{first_line}"
+        lines = text.count("\n")
+        yield first, RowWarning(first, "row", "crlf", f"{crlf} of {lines} lines end with CRLF "
+                                                      "(Windows line ends); accepted, first here")
     yield f"{name}:1", {"text": text.replace("\r\n", "\n")}
 
 
@@ -250,23 +418,82 @@ def _check_record(record: Any, kind: str, resolved: str | None, explicit: bool) 
     return resolved
 
 
-def _read_records(records: Records, kind: str, fmt: str, on_bad_row: str,
-                  rows: list[dict], skipped: list[BadRow]) -> str | None:
-    """Convert one file's records into ``rows``/``skipped``; return its resolved format."""
-    resolved = None if fmt == "auto" else fmt
-    for loc, record in records:
-        try:
-            resolved = _check_record(record, kind, resolved, fmt != "auto")
-            row = _conv.convert(record, resolved)
-        except _RowError as e:
-            bad = BadRow(loc, e.field, e.reason)
-            if on_bad_row == "error":
-                raise DataError(str(bad), bad) from None
-            skipped.append(bad)
-            continue
-        row["loc"] = loc
-        rows.append(row)
-    return resolved
+class _Reader:
+    """Reads the files of one source into rows, bad rows and warnings."""
+
+    def __init__(self, kind: str, fmt: str, on_bad_row: str):
+        self.kind, self.fmt, self.on_bad_row = kind, fmt, on_bad_row
+        self.rows: list[dict] = []
+        self.skipped: list[BadRow] = []
+        self.warnings: list[RowWarning] = []
+        self.formats: list[str] = []
+        self._seen: dict[bytes, str] = {}          # content digest -> first loc
+        self._unknown: dict[str, list] = {}        # ignored key -> [first loc, rows]
+
+    def read(self, records: Records) -> None:
+        resolved = None if self.fmt == "auto" else self.fmt
+        for loc, record in records:
+            if isinstance(record, RowWarning):
+                self.warnings.append(record)
+                continue
+            try:
+                resolved = _check_record(record, self.kind, resolved, self.fmt != "auto")
+                row = _conv.convert(record, resolved)
+            except _RowError as e:
+                bad = BadRow(loc, e.field, e.reason)
+                if self.on_bad_row == "error":
+                    raise DataError(str(bad), bad) from None
+                self.skipped.append(bad)
+                continue
+            self._inspect(loc, record, row, resolved)
+            row["loc"] = loc
+            self.rows.append(row)
+        if resolved is not None and resolved not in self.formats:
+            self.formats.append(resolved)
+
+    def _inspect(self, loc: str, record: dict, row: dict, fmt: str) -> None:
+        """Warnings for a usable row: duplicate content, ignored keys, DPO prefixes."""
+        canonical = json.dumps(row, sort_keys=True, ensure_ascii=False).encode("utf-8")
+        first = self._seen.setdefault(hashlib.blake2b(canonical, digest_size=16).digest(), loc)
+        if first != loc:
+            self.warnings.append(RowWarning(loc, "row", "duplicate",
+                                            f"duplicate of {_loc_relative_to(first, loc)}"))
+        for key in _conv.unknown_keys(record, fmt):
+            self._unknown.setdefault(key, [loc, 0])[1] += 1
+        if self.kind == "dpo":
+            chosen, rejected = row["chosen"].strip(), row["rejected"].strip()
+            if rejected.startswith(chosen):
+                self.warnings.append(RowWarning(loc, "chosen", "dpo_prefix", "the chosen response "
+                                                "is a prefix of the rejected one"))
+            elif chosen.startswith(rejected):
+                self.warnings.append(RowWarning(loc, "rejected", "dpo_prefix", "the rejected "
+                                                "response is a prefix of the chosen one"))
+
+    def result(self, source: str) -> LoadResult:
+        warnings = list(self.warnings)
+        for key, (loc, n) in self._unknown.items():
+            warnings.append(RowWarning(loc, key, "unknown_key", f"unknown key ignored, in {n} "
+                                       f"row{'' if n == 1 else 's'} (first here)"))
+        return LoadResult(rows=self.rows, skipped=self.skipped, source=source,
+                          fmt="+".join(self.formats), warnings=warnings)
+
+
+def _check_args(kind: str, fmt: str = "auto", on_bad_row: str = "error") -> None:
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {', '.join(_KINDS)}, got {kind!r}")
+    if fmt not in _KINDS[kind]:
+        raise ValueError(f"format {fmt!r} is not a {kind} format; "
+                         f"choose one of {', '.join(_KINDS[kind])}")
+    if on_bad_row not in _ON_BAD_ROW:
+        raise ValueError(f"on_bad_row must be one of {', '.join(_ON_BAD_ROW)}, got {on_bad_row!r}")
+
+
+def _load(source: str, kind: str, fmt: str, on_bad_row: str, split: str) -> LoadResult:
+    _check_args(kind, fmt, on_bad_row)
+    reader = _Reader(kind, fmt, on_bad_row)
+    for records in _open_source(source, kind, split):
+        reader.read(records())
+    return reader.result(source)
 
 
 def read_source(source: str, kind: str, fmt: str = "auto", on_bad_row: str = "error",
@@ -280,22 +507,25 @@ def read_source(source: str, kind: str, fmt: str = "auto", on_bad_row: str = "er
     ``fmt="auto"`` detects the format per file from the first usable row's keys.
     """
     source = os.fspath(source)
-    if kind not in _KINDS:
-        raise ValueError(f"kind must be one of {', '.join(_KINDS)}, got {kind!r}")
-    if fmt not in _KINDS[kind]:
-        raise ValueError(f"format {fmt!r} is not a {kind} format; "
-                         f"choose one of {', '.join(_KINDS[kind])}")
-    if on_bad_row not in _ON_BAD_ROW:
-        raise ValueError(f"on_bad_row must be one of {', '.join(_ON_BAD_ROW)}, got {on_bad_row!r}")
-    rows: list[dict] = []
-    skipped: list[BadRow] = []
-    resolved: list[str] = []
-    for records in _open_source(source, kind, split):
-        found = _read_records(records(), kind, fmt, on_bad_row, rows, skipped)
-        if found is not None and found not in resolved:
-            resolved.append(found)
-    if not rows:
+    result = _load(source, kind, fmt, on_bad_row, split)
+    if not result.rows:
+        skipped = result.skipped
         why = (f"{len(skipped)} bad rows skipped, first: {skipped[0]}" if skipped
                else "the source holds no rows")
         raise DataError(f"{source}: no usable rows ({why})")
-    return LoadResult(rows=rows, skipped=skipped, source=source, fmt="+".join(resolved))
+    return result
+
+
+def scan_source(source: str, kind: str, fmt: str = "auto", split: str = "train") -> LoadResult:
+    """Read every row like ``read_source(..., on_bad_row="skip")``, but return a result with
+    no rows instead of raising, so a checker can list the bad rows of an unusable file.
+    Problems with the source as a whole still raise :class:`DataError`."""
+    return _load(os.fspath(source), kind, fmt, "skip", split)
+
+
+def check_source(source: str, kind: str, split: str = "train") -> None:
+    """Raise :class:`DataError` if ``source`` cannot be opened as ``kind`` data (missing file,
+    unsupported file type, a directory for non-pretrain data), without reading any rows.
+    A Hugging Face dataset name passes: it is only loaded when read."""
+    _check_args(kind)
+    _open_source(os.fspath(source), kind, split)

@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset, load_from_disk
 
-from dpo_dist.data.formats import LoadResult, read_source
+from dpo_dist.data.formats import LoadResult, RowWarning, count_warnings, describe_warning_counts, read_source
 from dpo_dist.data.render import Renderer
 
 CACHE_VERSION = "1"  # bump when the tokenized layout changes
 IGNORE = -100
+SKIPPED_LOG_MAX = 50  # skipped rows logged one per line; data_report.json lists every one
 
 
 @dataclass
@@ -107,6 +108,38 @@ def tokenize_dpo(row: dict, tokenizer, renderer: Renderer, max_length: int, max_
     }
 
 
+def token_length_warnings(row: dict, kind: str, tokenizer, renderer: Renderer, max_length: int,
+                          max_prompt_length: int | None = None) -> list[RowWarning]:
+    """Warnings for a canonical row that tokenization would truncate (same lengths as tokenize_sft/_dpo)."""
+    loc = row.get("loc", "?")
+    if kind == "sft":
+        n = sum(len(_ids(tokenizer, text)) for text, _ in renderer.segments(renderer.prepare(row["messages"])))
+        if n > max_length:
+            return [RowWarning(loc, "row", "sft_too_long",
+                               f"row is {n} tokens, over max_length={max_length} (it will be truncated)")]
+        return []
+    if kind != "dpo":
+        return []  # pretraining text is packed into blocks: nothing is cut
+    if max_prompt_length is None:
+        max_prompt_length = max_length // 2
+    prompt_text, completions = renderer.prompt_and_completions(
+        renderer.prepare(row["prompt"]), [row["chosen"], row["rejected"]])
+    prompt = len(_ids(tokenizer, prompt_text))
+    out = []
+    if prompt > max_prompt_length:
+        out.append(RowWarning(loc, "prompt", "prompt_too_long",
+                              f"prompt is {prompt} tokens, longer than max_prompt_length={max_prompt_length} "
+                              "(it will be truncated from the left)"))
+    kept = min(prompt, max_prompt_length)
+    (chosen, rejected) = (len(_ids(tokenizer, text)) for text in completions)
+    side, longest = ("chosen", chosen) if chosen >= rejected else ("rejected", rejected)
+    if kept + longest > max_length:
+        out.append(RowWarning(loc, side, "response_truncated",
+                              f"prompt + {side} response is {kept + longest} tokens, over max_length={max_length} "
+                              f"(the response will be cut to {max_length - kept} tokens)"))
+    return out
+
+
 def tokenize_text(row: dict, tokenizer) -> dict:
     ids = _ids(tokenizer, row["text"])
     if tokenizer.eos_token_id is not None:
@@ -120,6 +153,19 @@ def pack_blocks(token_lists: list[list[int]], block: int) -> list[list[int]]:
 
 
 # --- entry point ---------------------------------------------------------------------------------------------------
+
+
+def _log_problems(source: str, skipped: list[str], warning_counts: dict[str, int], log) -> None:
+    """One line per skipped row (capped; the data report has them all), then the warning counts."""
+    for line in skipped[:SKIPPED_LOG_MAX]:
+        log(f"[data] skipped {line}")
+    if len(skipped) > SKIPPED_LOG_MAX:
+        log(f"[data] ... and {len(skipped) - SKIPPED_LOG_MAX} more: all {len(skipped)} are listed in "
+            "data_report.json")
+    if warning_counts:
+        total = sum(warning_counts.values())
+        log(f"[data] {source}: {total} warning{'' if total == 1 else 's'} "
+            f"({describe_warning_counts(warning_counts)}); `dpo-dist validate` lists them")
 
 
 def _num_proc(requested: int | None, rows: int) -> int | None:
@@ -152,10 +198,13 @@ def prepare_dataset(
     if (target / "report.json").is_file():
         report = json.loads((target / "report.json").read_text())
         log(f"[data] {source}: tokenized cache hit ({report['rows']} rows) at {target}")
+        _log_problems(source, report["skipped"], report.get("warnings", {}), log)
         return Prepared(load_from_disk(str(target / "dataset")), report, from_cache=True)
 
     loaded: LoadResult = read_source(source, kind, fmt=fmt, on_bad_row=on_bad_row, split=split)
     log(f"[data] {loaded.summary()}")
+    warning_counts = count_warnings(loaded.warnings)
+    _log_problems(source, [str(b) for b in loaded.skipped], warning_counts, log)
     rows = loaded.rows[:max_rows] if max_rows else loaded.rows
     raw = Dataset.from_list(rows)
     nproc = _num_proc(num_proc, len(rows))
@@ -180,6 +229,7 @@ def prepare_dataset(
         "rows": len(rows),
         "rows_read": len(loaded.rows),
         "skipped": [str(b) for b in loaded.skipped],
+        "warnings": warning_counts,
         "examples": len(ds),
         "template": renderer.name,
         "eot_token": renderer.eot_token,

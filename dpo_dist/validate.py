@@ -1,0 +1,228 @@
+"""`dpo-dist validate`: check a recipe's data, or one data file, before any model is loaded.
+
+Every bad row is one line `FILE:LINE: field: reason`, every warning one line
+`FILE:LINE: field: warning: reason`, and each source ends with a summary line. Token-length checks
+(prompts and rows that training would truncate) need only the tokenizer. Exit status: 0 when every
+source is usable and clean, 1 when a source has a bad row or cannot be used (or, with --strict, has a
+warning); a recipe or argument error raises ConfigError (exit 2 from the command line).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+from dpo_dist.data.formats import (DPO_FORMATS, PRETRAIN_FORMATS, SFT_FORMATS, WARNING_KINDS, BadRow, DataError,
+                                   RowWarning, count_warnings, describe_warning_counts, scan_source)
+from dpo_dist.schema import ConfigError
+
+_FORMATS = {"sft": SFT_FORMATS, "dpo": DPO_FORMATS, "pretrain": PRETRAIN_FORMATS}
+KINDS = tuple(_FORMATS)
+_REASON_MAX = 300  # characters of an exception message shown in a one-line notice
+
+
+@dataclass
+class LengthLimits:
+    """What token-length checks need: the tokenizer, the chat renderer and the stage's lengths."""
+    tokenizer: object
+    renderer: object
+    max_length: int
+    max_prompt_length: int | None = None
+
+
+@dataclass
+class SourceCheck:
+    source: str
+    kind: str
+    rows: int = 0
+    fmt: str = ""
+    bad: list[BadRow] = field(default_factory=list)
+    warnings: list[RowWarning] = field(default_factory=list)
+    problem: str | None = None  # the source as a whole cannot be used
+    notes: list[str] = field(default_factory=list)  # checks that could not run
+
+    def failed(self, strict: bool = False) -> bool:
+        return bool(self.bad or self.problem or (strict and self.warnings))
+
+    def summary(self) -> str:
+        text = (f"{self.source}: {_plural(self.rows, 'usable row')}, {_plural(len(self.bad), 'bad row')}, "
+                f"{_plural(len(self.warnings), 'warning')}")
+        if self.warnings:
+            text += f" ({describe_warning_counts(count_warnings(self.warnings))})"
+        if self.problem:
+            text += "; not usable for training"
+        return text
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _one_line(text: str) -> str:
+    """Messages may quote data or file names: keep each report entry on one line."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _short(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or "(no message)"
+    text = text if len(text) <= _REASON_MAX else text[:_REASON_MAX] + "..."
+    return f"{type(err).__name__}: {text}"
+
+
+def _why_no_rows(source: str, bad: int) -> str:
+    if bad:
+        return f"all {_plural(bad, 'row')} are bad" if bad > 1 else "its only row is bad"
+    if os.path.isfile(source) and os.path.getsize(source) == 0:
+        return "the file is empty"
+    if os.path.isfile(source):
+        return "the file holds only blank lines"
+    return "the source holds no rows"
+
+
+def check_data(source: str, kind: str, fmt: str = "auto", split: str = "train",
+               limits: LengthLimits | None = None) -> SourceCheck:
+    """Read every row of ``source`` as ``kind`` data; collect bad rows, warnings and file-level problems."""
+    check = SourceCheck(source, kind)
+    try:
+        loaded = scan_source(source, kind, fmt, split)
+    except DataError as err:
+        check.problem = str(err)
+        return check
+    check.rows, check.fmt = len(loaded.rows), loaded.fmt
+    check.bad, check.warnings = list(loaded.skipped), list(loaded.warnings)
+    if not loaded.rows:
+        check.problem = f"{source}: no usable rows ({_why_no_rows(source, len(loaded.skipped))})"
+    if limits is not None and loaded.rows:
+        check.warnings += _length_warnings(loaded.rows, kind, limits, check.notes)
+    return check
+
+
+def _length_warnings(rows: list[dict], kind: str, limits: LengthLimits, notes: list[str]) -> list[RowWarning]:
+    from dpo_dist.data.render import TemplateError
+    from dpo_dist.data.tokenize import token_length_warnings
+
+    out: list[RowWarning] = []
+    for row in rows:
+        try:
+            out += token_length_warnings(row, kind, limits.tokenizer, limits.renderer, limits.max_length,
+                                         limits.max_prompt_length)
+        except TemplateError as err:  # a template problem is the same for every row: say it once
+            notes.append(f"warning: token-length checks skipped at {row['loc']}: {_short(err)}")
+            break
+    return out
+
+
+def _capped(lines: list[str], max_lines: int | None, what: str) -> list[str]:
+    if max_lines is None or len(lines) <= max_lines:
+        return lines
+    return lines[:max_lines] + [f"... and {len(lines) - max_lines} more {what}"]
+
+
+def report_lines(check: SourceCheck, max_lines: int | None = None) -> list[str]:
+    """The report for one source: bad rows, warnings by kind (each capped), problem, summary."""
+    lines = list(check.notes)
+    lines += _capped([str(b) for b in check.bad], max_lines, "bad rows")
+    for kind in count_warnings(check.warnings):
+        of_kind = [str(w) for w in check.warnings if w.kind == kind]
+        lines += _capped(of_kind, max_lines, WARNING_KINDS.get(kind, (kind, kind))[1])
+    if check.problem:
+        lines.append(check.problem)
+    lines.append(check.summary())
+    return [_one_line(line) for line in lines]
+
+
+def _load_limits(tokenizer_cfg, template: str | None, out: Callable[[str], None]):
+    """(tokenizer, renderer), or None after printing why token-length checks are skipped."""
+    name = tokenizer_cfg.tokenizer or tokenizer_cfg.name_or_path
+    # The hub logs every connection retry; the one warning line below says what happened.
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)
+    try:
+        from dpo_dist.data.render import Renderer
+        from dpo_dist.models import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_cfg)
+        return tokenizer, Renderer(tokenizer, template)
+    except Exception as err:  # offline hub name, missing path, bad template...: the data checks still run
+        offline = os.path.isdir(name) or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        hint = "" if offline else " (set HF_HUB_OFFLINE=1 to skip the download attempt when offline)"
+        out(_one_line(f"warning: token-length checks skipped: cannot load the tokenizer {name!r}: "
+                      f"{_short(err)}{hint}"))
+        return None
+    finally:
+        hub_log.setLevel(level)
+
+
+def validate_recipe(path: str, overrides: list[str] = (), max_lines: int | None = None, strict: bool = False,
+                    out: Callable[[str], None] = print) -> int:
+    """Check every stage's data.train and data.eval. Returns the exit status (0 or 1)."""
+    from dpo_dist.recipe import load_recipe
+
+    recipe = load_recipe(path, list(overrides))  # ConfigError propagates: exit 2
+    loaded = _load_limits(recipe.model, recipe.model.template, out)
+    failed = False
+    for stage in recipe.stages:
+        for which, source in (("train", stage.data.train), ("eval", stage.data.eval)):
+            if not source:
+                continue
+            out(_one_line(f"== stage {stage.name} ({stage.stage}) data.{which}: {source}"))
+            limits = LengthLimits(*loaded, stage.max_length, stage.max_prompt_length) if loaded else None
+            check = check_data(source, stage.stage, stage.data.format, stage.data.split, limits)
+            for line in report_lines(check, max_lines):
+                out(line)
+            failed |= check.failed(strict)
+    return 1 if failed else 0
+
+
+def validate_file(source: str, kind: str, fmt: str = "auto", split: str = "train", tokenizer: str | None = None,
+                  template: str | None = None, max_length: int | None = None, max_prompt_length: int | None = None,
+                  max_lines: int | None = None, strict: bool = False, out: Callable[[str], None] = print) -> int:
+    """Check one file (or pretrain directory). Token-length checks run only with ``tokenizer``."""
+    if kind not in KINDS:
+        raise ConfigError(f"--format: {kind!r} is not one of {', '.join(KINDS)}")
+    if fmt not in _FORMATS[kind]:
+        raise ConfigError(f"--data-format: {fmt!r} is not a {kind} format ({', '.join(_FORMATS[kind])})")
+    if tokenizer is None and (template, max_length, max_prompt_length) != (None, None, None):
+        raise ConfigError("--template, --max-length and --max-prompt-length need --tokenizer")
+    if max_prompt_length is not None and kind != "dpo":
+        raise ConfigError(f"--max-prompt-length: only applies to dpo data, this is {kind}")
+    max_length = 2048 if max_length is None else max_length  # the recipe's default
+    if max_length <= 1:
+        raise ConfigError(f"--max-length: must be > 1, got {max_length}")
+    if max_prompt_length is not None and not 0 < max_prompt_length < max_length:
+        raise ConfigError(f"--max-prompt-length: must be between 1 and max_length-1 ({max_length - 1}), "
+                          f"got {max_prompt_length}")
+    limits = None
+    if tokenizer is not None:
+        from dpo_dist.recipe import ModelConfig
+
+        loaded = _load_limits(ModelConfig(name_or_path=tokenizer), template, out)
+        limits = LengthLimits(*loaded, max_length, max_prompt_length) if loaded else None
+    check = check_data(source, kind, fmt, split, limits)
+    for line in report_lines(check, max_lines):
+        out(line)
+    return 1 if check.failed(strict) else 0
+
+
+def run(args) -> int:
+    """The `dpo-dist validate` command, from parsed arguments."""
+    if args.max_lines is not None and args.max_lines < 0:
+        raise ConfigError(f"--max-lines: must be >= 0, got {args.max_lines}")
+    if args.data is not None:
+        if args.recipe is not None or args.overrides:
+            raise ConfigError("give either a RECIPE (with key=value overrides) or --data FILE, not both")
+        if args.kind is None:
+            raise ConfigError("--data needs --format sft|dpo|pretrain (the kind of data)")
+        return validate_file(args.data, args.kind, args.data_format, args.split, args.tokenizer, args.template,
+                             args.max_length, args.max_prompt_length, args.max_lines, args.strict)
+    if args.recipe is None:
+        raise ConfigError("give a RECIPE, or --data FILE --format sft|dpo|pretrain")
+    given = [opt for opt, value in (("--format", args.kind), ("--tokenizer", args.tokenizer),
+                                    ("--template", args.template), ("--max-length", args.max_length),
+                                    ("--max-prompt-length", args.max_prompt_length)) if value is not None]
+    if given or args.data_format != "auto" or args.split != "train":
+        raise ConfigError(f"{', '.join(given) or '--data-format/--split'}: only with --data; a recipe sets "
+                          "these per stage (override them with key=value)")
+    return validate_recipe(args.recipe, args.overrides, args.max_lines, args.strict)
