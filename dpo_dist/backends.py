@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dpo_dist.profiles import Profile, profile_names, load_profile
 from dpo_dist.recipe import Recipe
+from dpo_dist.safe_loading import harden_checkpoint_loading
 from dpo_dist.schema import ConfigError
 
 ZERO_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -89,6 +90,7 @@ def check_run(recipe: Recipe, profile: Profile, launch: Launch, backend: Backend
     import torch
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
+    _check_sources(recipe)
     where = f"profile {profile.name}" + (f" ({profile.source})" if profile.source else "")
     if profile.world_size > 1 and launch.world_size == 1:
         raise ConfigError(
@@ -111,6 +113,11 @@ def check_run(recipe: Recipe, profile: Profile, launch: Launch, backend: Backend
                               "attn_implementation: sdpa or a half-precision profile")
         if cuda and precision == "bf16" and not torch.cuda.is_bf16_supported():
             raise ConfigError(f"{at}: this GPU has no bf16; use a fp16 profile such as v100-qlora")
+        if stage.train.on_nonfinite_loss == "skip" and backend.kind == "deepspeed":
+            raise ConfigError(
+                f"{at}.train.on_nonfinite_loss: skip is not available under DeepSpeed, whose engine applies the update "
+                "inside the backward pass; use stop (the default) and --resume from the last checkpoint, or an FSDP "
+                "profile")
         if method in ("lora", "qlora") and precision == "fp16" and backend.kind == "fsdp":
             raise ConfigError(
                 f"{at}: FSDP2 shards each layer as one dtype, but fp16 {method} keeps fp32 adapters (for the "
@@ -118,6 +125,24 @@ def check_run(recipe: Recipe, profile: Profile, launch: Launch, backend: Backend
                 "single-GPU v100-qlora profile")
     if backend.kind == "deepspeed":
         _check_zero_file(profile, backend)
+
+
+def _check_sources(recipe: Recipe) -> None:
+    """A missing data file or local model directory is refused here, not after minutes of loading."""
+    from dpo_dist.data.formats import DataError, check_source
+
+    model = recipe.model.name_or_path
+    if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().exists():
+        raise ConfigError(f"model.name_or_path: {model} does not exist; give an existing model directory or a Hugging "
+                          "Face model name such as Qwen/Qwen2.5-7B")
+    for stage in recipe.stages:
+        for key in ("train", "eval"):
+            source = getattr(stage.data, key)
+            if source:
+                try:
+                    check_source(source, stage.stage, stage.data.split)
+                except DataError as err:
+                    raise ConfigError(f"stages.{stage.name}.data.{key}: {err}") from None
 
 
 def _check_zero_file(profile: Profile, backend: Backend) -> None:
@@ -139,13 +164,26 @@ def _read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def init_process_group(backend: Backend, launch: Launch) -> None:
-    """Under DeepSpeed, start deepspeed.comm before accelerate: ZeRO-3's zero.Init (which runs inside
-    from_pretrained) reads the world size from deepspeed.comm. accelerate does this itself only on GPUs."""
-    if backend.kind == "deepspeed" and launch.world_size > 1:
+def init_process_group(backend: Backend, launch: Launch, timeout) -> None:
+    """Start the process group before anything else can, with `timeout` on every collective: a hung one becomes an
+    error instead of a silent stall.
+
+    - DeepSpeed: deepspeed.comm must come first, since ZeRO-3's zero.Init (inside from_pretrained) reads the world size
+      from it; accelerate does this itself only on GPUs.
+    - CPU ranks: transformers' TrainingArguments (5.x) hands its ddp_timeout to the process group only on GPUs, so on
+      CPU (gloo) the group would wait 30 minutes. accelerate reuses a group that already exists."""
+    import torch
+    import torch.distributed as dist
+
+    harden_checkpoint_loading()
+    if launch.world_size <= 1 or dist.is_initialized():
+        return
+    if backend.kind == "deepspeed":
         import deepspeed
 
-        deepspeed.init_distributed()
+        deepspeed.init_distributed(timeout=timeout)
+    elif not torch.cuda.is_available():
+        dist.init_process_group("gloo", timeout=timeout)
 
 
 def init_fsdp_state(backend: Backend, mixed_precision: str) -> bool:
@@ -188,7 +226,8 @@ def trainer_overrides(profile: Profile, backend: Backend, checkpointing: bool, p
     """TrainingArguments keys that depend on the backend, not on the recipe."""
     import torch
 
-    out: dict = {"use_cpu": not torch.cuda.is_available()}  # CPU ranks: accelerate then picks gloo
+    out: dict = {"use_cpu": not torch.cuda.is_available(),  # CPU ranks: accelerate then picks gloo
+                 "ddp_timeout": profile.collective_timeout_s}
     if backend.deepspeed_file is not None:
         out["deepspeed"] = str(backend.deepspeed_file)
     if backend.kind == "fsdp" and backend.fsdp.get("fsdp_activation_checkpointing"):

@@ -35,6 +35,10 @@ def merge_adapter(base: str, adapter: str | Path, out: str | Path, dtype: str = 
     adapter, out = Path(adapter), Path(out)
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter}: no adapter_config.json; expected a saved LoRA adapter directory")
+    if trust_remote_code:
+        from dpo_dist.models import warn_remote_code
+
+        warn_remote_code(base)
     with _zero3_off():
         model = AutoModelForCausalLM.from_pretrained(base, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code)
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import sys
 
 import torch
 
@@ -14,11 +15,22 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+_WARNED: set[str] = set()
+
+
+def warn_remote_code(source: str) -> None:
+    """trust_remote_code runs Python shipped with the model: off unless the recipe says so, and loud when on."""
+    if source not in _WARNED:
+        _WARNED.add(source)
+        print(f"warning: trust_remote_code is on: Python code from {source} will run on this machine with your "
+              "permissions; use it only for a model whose code you have read or trust", file=sys.stderr, flush=True)
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     if cfg.trust_remote_code:
-        log.warning("trust_remote_code is on: code from %s will run on this machine", cfg.tokenizer or cfg.name_or_path)
+        warn_remote_code(cfg.tokenizer or cfg.name_or_path)
     tok = AutoTokenizer.from_pretrained(
         cfg.tokenizer or cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
     )
@@ -90,6 +102,8 @@ def load_model(cfg: ModelConfig, method: str, precision: str, attn_implementatio
     from transformers import AutoModelForCausalLM
 
     attn = pick_attn_implementation(attn_implementation, precision)
+    if cfg.trust_remote_code:
+        warn_remote_code(cfg.name_or_path)
     kwargs = load_kwargs(cfg, method, precision, attn, sharded, torch.cuda.is_available())
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)

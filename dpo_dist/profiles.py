@@ -35,11 +35,15 @@ class Profile:
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     optim: str | None = None  # null = the recipe's optimizer
     gradient_checkpointing: bool | None = None  # null = the recipe's setting
+    # Seconds a collective may wait for the other ranks before the run fails with an error naming the step (a hung or
+    # dead rank). It must cover the longest wait of a healthy run: rank 0 tokenizing the data and the model download
+    # while the others wait, a step, an evaluation, a checkpoint save with its fsync.
+    collective_timeout_s: int = 1800
     source: str = ""  # the file it was read from
 
     def check(self, where: str) -> None:
         at = f"{where}." if where else ""
-        for key in ("num_processes", "num_nodes", "micro_batch_size"):
+        for key in ("num_processes", "num_nodes", "micro_batch_size", "collective_timeout_s"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{at}{key}: must be positive, got {getattr(self, key)}")
         if not self.methods:

@@ -89,6 +89,9 @@ class TrainConfig:
     save_steps: int = 500
     save_total_limit: int | None = 2
     eval_steps: int | None = None
+    # A step whose loss is NaN/inf: stop (naming the step and the last good checkpoint), or skip its update.
+    on_nonfinite_loss: Literal["stop", "skip"] = "stop"
+    max_nonfinite_skips: int = 10  # with skip: stop once this many steps were skipped
 
     def check(self, where: str) -> None:
         if self.learning_rate <= 0:
@@ -103,9 +106,12 @@ class TrainConfig:
             raise ConfigError(f"{where}.lr_scheduler: {self.lr_scheduler!r} is not one of {', '.join(SCHEDULERS)}")
         if self.warmup_steps < 0 or not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"{where}.warmup_steps/warmup_ratio: must be >= 0 and ratio < 1")
-        for name in ("logging_steps", "save_steps"):
+        for name in ("logging_steps", "save_steps", "max_nonfinite_skips"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{where}.{name}: must be positive, got {getattr(self, name)}")
+        if self.save_total_limit is not None and self.save_total_limit <= 0:
+            raise ConfigError(f"{where}.save_total_limit: must be positive (the number of checkpoints kept), or null "
+                              f"to keep all; got {self.save_total_limit}")
 
     @property
     def precision(self) -> str:

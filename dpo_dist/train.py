@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 
 import yaml
@@ -55,7 +56,9 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
     from dpo_dist.merge import merge_adapter
     from dpo_dist.models import adapter_dtype, cast_trainable, load_model, load_tokenizer, lora_config
     from dpo_dist.checkpoints import CheckpointMarker, StopOnRequest, latest_complete
-    from dpo_dist.stages.common import MetricsLogger, fault_callbacks, model_facts, precision_of, save_trained
+    from dpo_dist.faults import Faults, fault_callbacks
+    from dpo_dist.reliability import Guard, GuardCallback
+    from dpo_dist.stages.common import MetricsLogger, model_facts, precision_of, save_trained
     from dpo_dist.stages.dpo import build_dpo_trainer, dpo_args
     from dpo_dist.stages.sft import build_sft_trainer, sft_args
 
@@ -71,9 +74,10 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
     checkpointing = (stage.train.gradient_checkpointing if profile.gradient_checkpointing is None
                      else profile.gradient_checkpointing)
     overrides = trainer_overrides(profile, backend, checkpointing, peft=method != "full")
+    timeout = timedelta(seconds=profile.collective_timeout_s)
+    init_process_group(backend, Launch.from_env(), timeout)
     args = (dpo_args if kind == "dpo" else sft_args)(stage, profile, run_dir, recipe.seed, world_size(), overrides)
-    init_process_group(backend, Launch.from_env())
-    state = PartialState(cpu=overrides["use_cpu"])
+    state = PartialState(cpu=overrides["use_cpu"], timeout=timeout)
     if state.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
@@ -109,12 +113,17 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
 
     # ---- trainer --------------------------------------------------------------------------------------------------
     stop = StopOnRequest(stage.name, log=log)
-    callbacks = [MetricsLogger(run_dir / "metrics.jsonl"), CheckpointMarker(), stop, *fault_callbacks()]
+    faults = Faults()
+    guard = Guard(stage.name, run_dir, stage.train.on_nonfinite_loss, stage.train.max_nonfinite_skips,
+                  profile.collective_timeout_s, faults, log)
+    callbacks = [MetricsLogger(run_dir / "metrics.jsonl"), CheckpointMarker(stage.train.save_total_limit, log), stop,
+                 GuardCallback(guard), *fault_callbacks(faults)]
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # read by transformers' TB callback
     build = build_dpo_trainer if kind == "dpo" else build_sft_trainer
     init_fsdp_state(backend, "bf16" if args.bf16 else "fp16" if args.fp16 else "no")
     trainer = build(stage, args, model, tokenizer, train.dataset, evaluation.dataset if evaluation else None,
                     peft_config, callbacks)
+    trainer.guard = guard
     if peft_config is not None:
         # trl stores QLoRA adapters in bf16 and peft LoRA adapters in fp32 whatever the precision; keep them in
         # the one dtype the precision and backend can train (see adapter_dtype).
@@ -124,7 +133,13 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
     checkpoint = latest_complete(run_dir, log=log) if resume else None
     if checkpoint:
         log(f"[train] resuming {stage.name} from {checkpoint}")
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except Exception as err:
+        failure = guard.explain(err, trainer.state.global_step + 1)
+        if failure is None:
+            raise
+        raise failure from err
     if stop.stopped_at is not None:
         saved = run_dir / "checkpoints" / f"checkpoint-{stop.stopped_at}"
         if is_main_process():
@@ -160,6 +175,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
         "output": str(output),
         "model_path": model_path,  # what a chained next stage loads
         "global_step": trainer.state.global_step,
+        "nonfinite_skipped_steps": guard.skipped_steps,
         "train_loss": result.training_loss,
         "train_runtime_s": round(time.time() - started, 2),
         "final": _last_train_log(trainer.state.log_history),
@@ -235,8 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from dpo_dist.reliability import TrainingFault
+
     try:
         run_recipe(recipe, profile, only=args.stage, resume=args.resume, backend=backend)
+    except TrainingFault as fault:
+        print(f"error: {fault}", file=sys.stderr, flush=True)
+        return 1
     except Stopped as stopped:
         if is_main_process():
             print(f"[train] {stopped}", flush=True)

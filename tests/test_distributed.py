@@ -9,15 +9,18 @@ asserts everything it can about its run.
 | plain full SFT → DPO      | torchrun, accelerate, deepspeed | cpu-ddp-2, cpu-fsdp-2, cpu-zero3-2   | full    |
 | qlora under DDP           | dpo-dist launch           | cpu-ddp-2                                  | qlora   |
 | sharded logits and merge  | accelerate, deepspeed     | cpu-fsdp-2, cpu-zero3-2                    | lora    |
-| kill at step 3 and resume | dpo-dist launch           | cpu-fsdp-2, cpu-zero3-2                    | lora    |
+| kill rank 1, resume       | dpo-dist launch           | cpu-fsdp-2, cpu-zero3-2                    | lora    |
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -68,9 +71,18 @@ def write_recipe(path: Path, base: Path, data: dict, stages=("sft", "dpo"), chai
     return str(path)
 
 
-def run(cmd: list, env: dict | None = None, expect: int = 0) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
+def run(cmd: list, env: dict | None = None, expect: int = 0, timeout: int = 900) -> subprocess.CompletedProcess:
+    # Own session: on a timeout the launcher's ranks are killed with it, not left holding ports and CPU.
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True,
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(map(str, cmd))}\ntimed out after {timeout} s\n" + "\n".join((out + err).splitlines()[-30:]))
+    proc = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     if (proc.returncode == 0) != (expect == 0):
         lines = (proc.stdout + proc.stderr).splitlines()
         errors = [ln for ln in lines if "Error" in ln and "Warning" not in ln][:10]
@@ -236,7 +248,7 @@ def test_sharded_adapter_reloads_with_same_logits_and_merges(case, tiny_base, da
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # every rank's slice made it into the file
 
 
-# ---- kill after step 3, resume: the same per-step metrics and the same final adapter ------------------------------
+# ---- SIGKILL rank 1 after step 3: the job exits within 60 s; resume gives the same per-step metrics and adapter ------------------------------
 
 @pytest.mark.parametrize("profile", ["cpu-fsdp-2", "cpu-zero3-2"])
 def test_kill_and_resume_matches_uninterrupted(profile, tiny_base, data, tmp_path):
@@ -246,7 +258,12 @@ def test_kill_and_resume_matches_uninterrupted(profile, tiny_base, data, tmp_pat
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     launch = [BIN / "dpo-dist", "launch", recipe, "--profile", profile, "--master-port", port]
     run([*launch, f"output_dir={whole}"])
-    run([*launch, f"output_dir={broken}"], env={"DPO_DIST_KILL_AT_STEP": "3"}, expect=1)
+    # SIGKILL on rank 1 only, as a lost node would: the whole job must fail fast, not hang on rank 0.
+    proc = run([*launch, f"output_dir={broken}"], env={"DPO_DIST_KILL_AT_STEP": "3@1"}, expect=1, timeout=300)
+    exited = time.time()
+    killed = float(re.search(r"\[fault\] rank 1: SIGKILL at the end of step 3 \(t=([\d.]+)\)", proc.stderr)[1])
+    print(f"{profile}: rank 1 SIGKILLed; the job exited {exited - killed:.1f} s later (exit code {proc.returncode})")
+    assert exited - killed < 60
     assert [m["step"] for m in read_metrics(broken / "sft") if "loss" in m] == [1, 2]
     assert sorted(p.name for p in (broken / "sft" / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]
     assert not (broken / "sft" / "adapter").exists()

@@ -8,7 +8,8 @@ import pytest
 
 from dpo_dist.checkpoints import COMPLETE, latest_complete
 from dpo_dist.parity import rel_diff, weights_diff
-from dpo_dist.stages.common import KillAtStep, read_metrics
+from dpo_dist.faults import KillAtStep
+from dpo_dist.stages.common import read_metrics
 from tests.test_distributed import BIN, data, losses, run, write_recipe  # noqa: F401  (data is a fixture)
 
 

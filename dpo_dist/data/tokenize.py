@@ -23,7 +23,7 @@ from datasets import Dataset, load_from_disk
 from dpo_dist.data.formats import LoadResult, RowWarning, count_warnings, describe_warning_counts, read_source
 from dpo_dist.data.render import Renderer
 
-CACHE_VERSION = "1"  # bump when the tokenized layout changes
+CACHE_VERSION = "2"  # bump when the tokenized layout changes
 IGNORE = -100
 SKIPPED_LOG_MAX = 50  # skipped rows logged one per line; data_report.json lists every one
 

@@ -6,7 +6,6 @@ import importlib.util
 import json
 import math
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -56,7 +55,9 @@ def training_kwargs(stage: StageConfig, profile: Profile, run_dir: Path, seed: i
         logging_first_step=True,
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        # The Trainer's own rotation deletes old checkpoints before the new one is complete; CheckpointMarker rotates
+        # (train.save_total_limit) only after it is.
+        save_total_limit=None,
         eval_strategy="steps" if t.eval_steps else "no",
         eval_steps=t.eval_steps,
         report_to=report_to,
@@ -100,43 +101,24 @@ class MetricsLogger(TrainerCallback):
             fh.write(json.dumps(row) + "\n")
 
 
-class KillAtStep(TrainerCallback):
-    """Fault injection, from DPO_DIST_KILL_AT_STEP=N[:SIGNAL][@RANK]: when step N ends (before it is logged or
-    saved), the process sends itself SIGNAL (default KILL, as a node loss would), on every rank or only on RANK.
-    Used to prove that --resume continues exactly and that USR1/TERM checkpoint and stop."""
-
-    def __init__(self, spec: str):
-        step, _, rest = spec.partition(":")
-        name, _, rank = rest.partition("@")
-        try:
-            self.step = int(step)
-            self.signal = signal.Signals["SIG" + (name or "KILL").upper().removeprefix("SIG")]
-            self.rank = int(rank) if rank else None
-        except (ValueError, KeyError):
-            raise ValueError(f"DPO_DIST_KILL_AT_STEP={spec!r}: expected N, N:SIGNAL or N:SIGNAL@RANK "
-                             "(e.g. 3, 3:USR1, 3:TERM@1)") from None
-
-    def on_step_end(self, args, state, control, **kwargs):
-        rank = int(os.environ.get("RANK", "0"))
-        if state.global_step == self.step and self.rank in (None, rank):
-            os.kill(os.getpid(), self.signal)
-
-
-def fault_callbacks() -> list:
-    spec = os.environ.get("DPO_DIST_KILL_AT_STEP")
-    return [KillAtStep(spec)] if spec else []
-
-
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def save_trained(trainer, out: Path, peft: bool) -> None:
-    """Write the complete adapter (or model) to `out`, whichever backend sharded it. Collective: call on every rank."""
+    """Write the complete adapter (or model) to `out`, whichever backend sharded it. Collective: call on every rank.
+    Weights holding NaN/inf are refused (dpo_dist.reliability.Guard.check_weights) before anything is written."""
+    guard = getattr(trainer, "guard", None)
+    if guard is not None:
+        guard.check_weights(trainer.model, trainer.state.global_step, str(out))
     plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
     if plugin is None or "FULL_STATE_DICT" in str(plugin.state_dict_type):
         trainer.save_model(str(out))  # single, DDP, ZeRO-3 (gathers 16-bit weights) and FSDP full state dicts
+        if trainer.accelerator.is_main_process:
+            # The Trainer adds its pickled arguments; an exported adapter or model holds safetensors and JSON only
+            # (the run's settings are in the run directory's recipe.yaml).
+            (out / "training_args.bin").unlink(missing_ok=True)
         return
     # FSDP with a sharded state dict: Trainer.save_model writes nothing. Gather the adapter alone (not the 4-bit
     # base) from its shards, or the whole model for full-parameter training.

@@ -13,10 +13,11 @@ from trl import DPOConfig, DPOTrainer
 
 from dpo_dist.profiles import Profile
 from dpo_dist.recipe import StageConfig
+from dpo_dist.reliability import GuardedTrainer
 from dpo_dist.stages.common import training_kwargs
 
 
-class PretokenizedDPOTrainer(DPOTrainer):
+class PretokenizedDPOTrainer(GuardedTrainer, DPOTrainer):
     """DPOTrainer that accepts rows already holding prompt_ids/chosen_ids/rejected_ids."""
 
     def __init__(self, *args, simpo_gamma: float = 0.5, **kwargs):

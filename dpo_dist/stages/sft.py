@@ -7,6 +7,7 @@ from trl import SFTConfig, SFTTrainer
 
 from dpo_dist.profiles import Profile
 from dpo_dist.recipe import StageConfig
+from dpo_dist.reliability import GuardedTrainer
 from dpo_dist.stages.common import training_kwargs
 
 
@@ -19,9 +20,13 @@ def sft_args(stage: StageConfig, profile: Profile, run_dir: Path, seed: int, wor
     )
 
 
+class GuardedSFTTrainer(GuardedTrainer, SFTTrainer):
+    """TRL's SFTTrainer with dpo-dist's staged checkpoints and loss guard (dpo_dist.reliability)."""
+
+
 def build_sft_trainer(stage: StageConfig, args: SFTConfig, model, tokenizer, train_ds, eval_ds, peft_config,
                       callbacks):
-    return SFTTrainer(
+    return GuardedSFTTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,

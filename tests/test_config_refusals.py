@@ -1,0 +1,200 @@
+"""Bad recipes and profiles are refused before any weights load, by the commands users run (`dpo-dist train` /
+`python -m dpo_dist.train`, `dpo-dist launch`), each with one message naming the key and the fix.
+
+Every case runs the real entry point in-process with model, tokenizer and training loading replaced by functions
+that fail the test: a case passes only if it was refused before any of them ran, with exit code 2.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from dpo_dist import cli, train
+from tests.conftest import write_jsonl
+
+SFT_ROW = {"conversation": [{"human": "Hi", "assistant": "Hello there."}]}
+DPO_ROW = {"prompt": "Hi", "chosen": "Hello there.", "rejected": "Go away."}
+
+
+@pytest.fixture
+def base(tmp_path):
+    sft = write_jsonl(tmp_path / "sft.jsonl", [SFT_ROW] * 8)
+    dpo = write_jsonl(tmp_path / "dpo.jsonl", [DPO_ROW] * 8)
+    model = tmp_path / "model"
+    model.mkdir()
+    return {
+        "name": "refusals", "seed": 1, "output_dir": str(tmp_path / "runs"),
+        "model": {"name_or_path": str(model), "template": "qwen"},
+        "method": {"type": "lora", "lora_r": 4},
+        "train": {"learning_rate": 1e-4, "global_batch_size": 8, "max_steps": 2},
+        "stages": [{"stage": "sft", "data": {"train": str(sft)}},
+                   {"stage": "dpo", "data": {"train": str(dpo)}, "max_length": 64, "max_prompt_length": 32}],
+    }
+
+
+def _set(path: str, value):
+    def mutate(recipe, tmp_path):
+        node = recipe
+        parts = path.split(".")
+        for part in parts[:-1]:
+            node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
+        node[int(parts[-1]) if parts[-1].isdigit() else parts[-1]] = value
+    return mutate
+
+
+def _profile(**changes):
+    """A profile file: cpu-fsdp-2 with `changes` (None removes a key)."""
+    def write(tmp_path):
+        from dpo_dist.profiles import LAUNCH_DIR
+
+        data = yaml.safe_load((LAUNCH_DIR / "cpu-fsdp-2.yaml").read_text())
+        for key, value in changes.items():
+            if value is None:
+                data.pop(key, None)
+            else:
+                data[key] = value
+        path = tmp_path / "custom-profile.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return str(path)
+    return write
+
+
+def _both(*mutations):
+    def mutate(recipe, tmp_path):
+        for m in mutations:
+            m(recipe, tmp_path)
+    return mutate
+
+
+def _chain_wrong_order(recipe, tmp_path):
+    recipe["stages"].reverse()
+
+
+def _no_stages(recipe, tmp_path):
+    recipe["stages"] = []
+
+
+def _duplicate_names(recipe, tmp_path):
+    recipe["stages"][1]["name"] = "sft"
+
+
+def _missing_data(recipe, tmp_path):
+    recipe["stages"][0]["data"]["train"] = str(tmp_path / "nowhere" / "sft.jsonl")
+
+
+def _missing_model(recipe, tmp_path):
+    recipe["model"]["name_or_path"] = str(tmp_path / "no-such-model")
+
+
+# (id, recipe mutation, command: "train" or "launch", profile (name or writer), extra args, [substrings])
+CASES = [
+    ("unknown top-level key", _set("sede", 3), "train", None, [], ["sede: unknown key", "did you mean 'seed'"]),
+    ("unknown nested key", _set("train.learning_rat", 1e-4), "train", None, [],
+     ["train.learning_rat: unknown key", "did you mean 'train.learning_rate'"]),
+    ("wrong type", _set("train.global_batch_size", "eight"), "train", None, [],
+     ["train.global_batch_size: expected an integer, got 'eight'"]),
+    ("negative learning rate", _set("train.learning_rate", -1e-4), "train", None, [],
+     ["train.learning_rate: must be positive, got -0.0001"]),
+    ("zero global batch", _set("train.global_batch_size", 0), "train", None, [],
+     ["global_batch_size: must be positive"]),
+    ("global batch not divisible", _set("train.global_batch_size", 6), "launch", "cpu-fsdp-2", [],
+     ["stages.sft.train.global_batch_size: 6 is not divisible by micro-batch 2 × 2 process(es) = 4",
+      "pick a global batch that is a multiple of 4"]),
+    ("fp16 and bf16 together", _both(_set("train.fp16", True), _set("train.bf16", True)), "train", None, [],
+     ["fp16 and bf16 are both true; choose one"]),
+    ("fp16 LoRA on an FSDP (bf16-only) profile", _set("train.fp16", True), "launch", _profile(precision=None), [],
+     ["stages.sft: FSDP2 shards each layer as one dtype", "use bf16 (A100/H100), a ZeRO-3 profile"]),
+    ("qlora on a profile that cannot take it", _set("method.type", "qlora"), "launch", "cpu-fsdp-2", [],
+     ["stages.sft: method qlora is not supported by profile cpu-fsdp-2", "profiles for qlora: "]),
+    ("skip non-finite loss under DeepSpeed", _set("train.on_nonfinite_loss", "skip"), "launch", "cpu-zero3-2", [],
+     ["stages.sft.train.on_nonfinite_loss: skip is not available under DeepSpeed", "use stop (the default)"]),
+    ("missing data file", _missing_data, "train", None, [],
+     ["stages.sft.data.train:", "no such file or directory"]),
+    ("missing model directory", _missing_model, "train", None, [],
+     ["model.name_or_path:", "does not exist; give an existing model directory"]),
+    ("unknown template", _set("model.template", "qwen9"), "train", None, [], ["model.template:", "qwen9"]),
+    ("dpo before sft with chain on", _chain_wrong_order, "train", None, [],
+     ["stages: sft after dpo with chain: true", "set chain: false"]),
+    ("no stages", _no_stages, "train", None, [], ["stages: at least one stage is required"]),
+    ("duplicate stage names", _duplicate_names, "train", None, [],
+     ["two stages share the name 'sft'", "distinct `name:` keys"]),
+    ("unknown stage type", _set("stages.0.stage", "sfft"), "train", None, [],
+     ["stages[0].stage: 'sfft' is not one of", "did you mean 'sft'"]),
+    ("format of another stage kind", _set("stages.0.data.format", "pair"), "train", None, [],
+     ["stages[0].data.format: 'pair' is not a sft format"]),
+    ("unknown on_bad_row", _set("stages.0.data.on_bad_row", "ignore"), "train", None, [],
+     ["stages[0].data.on_bad_row: 'ignore' is not one of 'error' | 'skip'"]),
+    ("unknown on_nonfinite_loss", _set("train.on_nonfinite_loss", "ignore"), "train", None, [],
+     ["train.on_nonfinite_loss: 'ignore' is not one of 'stop' | 'skip'"]),
+    ("zero lora_r", _set("method.lora_r", 0), "train", None, [], ["method.lora_r: must be positive, got 0"]),
+    ("lora_dropout out of range", _set("method.lora_dropout", 1.5), "train", None, [],
+     ["method.lora_dropout: must be in [0, 1), got 1.5"]),
+    ("max_prompt_length not below max_length", _set("stages.1.max_prompt_length", 64), "train", None, [],
+     ["stages[1].max_prompt_length: must be between 1 and max_length-1 (63), got 64"]),
+    ("non-positive beta", _set("stages.1.beta", 0), "train", None, [], ["stages[1].beta: must be positive"]),
+    ("a DPO key on an SFT stage", _set("stages.0.max_prompt_length", 32), "train", None, [],
+     ["stages[0].max_prompt_length: only applies to dpo stages"]),
+    ("unknown scheduler", _set("train.lr_scheduler", "cosin"), "train", None, [],
+     ["lr_scheduler: 'cosin' is not one of linear, cosine"]),
+    ("warmup ratio of 1 or more", _set("train.warmup_ratio", 1.5), "train", None, [],
+     ["warmup_steps/warmup_ratio: must be >= 0 and ratio < 1"]),
+    ("no epochs and no steps", _both(_set("train.num_epochs", 0), _set("train.max_steps", -1)), "train", None, [],
+     ["num_epochs: must be positive unless max_steps is set"]),
+    ("zero save_total_limit", _set("train.save_total_limit", 0), "train", None, [],
+     ["train.save_total_limit: must be positive", "or null to keep all"]),
+    ("unknown profile", None, "train", "cpu-fsdp-3", [], ["profile 'cpu-fsdp-3' not found", "available: "]),
+    ("profile with a bad timeout", None, "launch", _profile(collective_timeout_s=0), [],
+     ["collective_timeout_s: must be positive, got 0"]),
+    ("override of an unknown key", None, "train", None, ["train.learning_rat=1e-4"],
+     ["train.learning_rat: unknown key", "did you mean 'train.learning_rate'"]),
+    ("unknown --stage", None, "train", None, ["--stage", "rm"], ["--stage rm: no such stage; stages are"]),
+]
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    def fail(*args, **kwargs):
+        pytest.fail("weights, tokenizer or training were reached: the bad config was not refused up front")
+
+    import dpo_dist.launch
+    import dpo_dist.models
+
+    monkeypatch.setattr(dpo_dist.models, "load_model", fail)
+    monkeypatch.setattr(dpo_dist.models, "load_tokenizer", fail)
+    monkeypatch.setattr(train, "run_recipe", fail)
+    monkeypatch.setattr(dpo_dist.launch, "_run", fail)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_config_is_refused_before_weights_load(case, base, tmp_path, capsys, no_loading):
+    name, mutate, command, profile, extra, expected = case
+    recipe = copy.deepcopy(base)
+    if mutate:
+        mutate(recipe, tmp_path)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    profile = profile(tmp_path) if callable(profile) else profile
+    if command == "train":
+        argv = [str(path), *extra] + (["--profile", profile] if profile else [])
+        code = train.main(argv)
+    else:
+        code = cli.main(["launch", str(path), "--profile", profile, "--dry-run", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: ")
+    for text in expected:
+        assert text in err[0], f"{text!r} not in {err[0]!r}"
+
+
+def test_the_table_has_at_least_twenty_distinct_cases():
+    assert len({c[0] for c in CASES}) == len(CASES) >= 20
+
+
+def test_invalid_yaml_names_file_and_line(base, tmp_path, capsys, no_loading):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(base) + "stages: [\n  - oops: : :\n")
+    assert train.main([str(path)]) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith(f"error: {path}:") and "invalid YAML" in err

@@ -1,0 +1,269 @@
+"""Fault injection (dpo_dist.faults) on real runs: a crash or a full disk while saving, a non-finite loss, NaN
+weights and a hung rank. Each case checks what the run says, what is left on disk, and that a resume is exact.
+(A killed rank: tests/test_distributed.py; SIGTERM/SIGUSR1: tests/test_preemption.py.)
+
+| case                         | profile      | fault                    | expected                                        |
+|------------------------------|--------------|--------------------------|-------------------------------------------------|
+| crash while saving           | cpu-fsdp-2   | save-kill@4 on rank 1    | exit != 0, checkpoint-2 intact, resume exact    |
+| full disk while saving       | cpu-ddp-2    | save-enospc@4 on rank 0  | one clear error, checkpoint-2 intact, resume    |
+| NaN loss, default            | cpu-ddp-2    | nan-loss@3 on rank 1     | both ranks stop: step 3, last good checkpoint-2 |
+| NaN loss, skip               | cpu-fsdp-2   | nan-loss@3 on rank 1     | step 3's update skipped on both ranks, finishes |
+| NaN weights                  | cpu          | nan-weights@2            | checkpoint-2 and the adapter are never written  |
+| hung rank                    | cpu-ddp-2    | hang@2 on rank 1         | rank 0 fails after collective_timeout_s         |
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+import time
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from dpo_dist.checkpoints import COMPLETE, STAGING, commit_checkpoint, latest_complete
+from dpo_dist.faults import Faults, parse_faults
+from dpo_dist.parity import rel_diff, weights_diff
+from dpo_dist.profiles import LAUNCH_DIR
+from tests.test_distributed import BIN, data, losses, run, write_recipe  # noqa: F401  (data is a fixture)
+from tests.test_preemption import steps
+
+
+def launch(recipe, profile, port):
+    return [BIN / "dpo-dist", "launch", recipe, "--profile", profile, "--master-port", port]
+
+
+def sft_recipe(tmp_path, tiny_base, data, **train):  # noqa: F811
+    train = {"max_steps": 6, "save_steps": 2, "save_total_limit": 5, **train}
+    return write_recipe(tmp_path / "recipe.yaml", tiny_base, data, stages=("sft",), **train)
+
+
+def checkpoints(run_dir):
+    return sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*"))
+
+
+def output(proc) -> str:
+    return proc.stdout + proc.stderr
+
+
+def error_lines(proc) -> list[str]:
+    # (a progress bar may share the line)
+    return [ln[ln.index("error: "):] for ln in output(proc).splitlines() if "error: " in ln]
+
+
+# ---- unit: spec parsing, commit and rotation ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", ["boom@3", "nan-loss", "nan-loss@x", "hang@3:r"])
+def test_fault_spec_is_checked(spec):
+    with pytest.raises(ValueError, match="DPO_DIST_FAULT"):
+        parse_faults(spec)
+
+
+def test_fault_spec_parses_several():
+    assert [(f.kind, f.step, f.rank) for f in parse_faults("save-kill@4:1, nan-loss@3")] == [
+        ("save-kill", 4, 1), ("nan-loss", 3, None)]
+    assert Faults("").faults == []
+
+
+def test_commit_moves_the_staged_checkpoint_and_rotates_only_after_marking(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    for step in (2, 4):
+        (ckpts / f"checkpoint-{step}").mkdir(parents=True)
+        (ckpts / f"checkpoint-{step}" / COMPLETE).write_text("{}")
+    (ckpts / "checkpoint-1").mkdir()  # an unmarked leftover, older than everything kept
+    staged = ckpts / STAGING / "checkpoint-6"
+    staged.mkdir(parents=True)
+    (staged / "model.safetensors").write_bytes(b"x")
+    said = []
+    assert commit_checkpoint(ckpts, 6, keep=2, log=said.append) == ckpts / "checkpoint-6"
+    assert sorted(p.name for p in ckpts.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    assert (ckpts / "checkpoint-6" / COMPLETE).is_file() and not staged.exists()
+    assert latest_complete(tmp_path) == ckpts / "checkpoint-6"
+    assert len(said) == 2 and all("save_total_limit 2" in s for s in said)
+    assert commit_checkpoint(ckpts, 8, keep=2) is None  # nothing staged, nothing in place
+
+
+def _files(root):
+    # (sizes of everything but the files that record the run's own path or time)
+    return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*")
+            if p.is_file() and p.name not in ("trainer_state.json", "COMPLETE", ".metadata")}
+
+
+# ---- unit: the guard's decisions on one process -------------------------------------------------------------------
+
+def _guard(tmp_path, **kw):
+    from dpo_dist.reliability import Guard
+
+    said = []
+    return Guard("sft", tmp_path, log=said.append, **kw), said
+
+
+def test_guard_stop_names_step_and_last_good_checkpoint(tmp_path):
+    import torch
+
+    from dpo_dist.reliability import NonFiniteLoss
+
+    guard, _ = _guard(tmp_path)
+    guard.check_loss(torch.tensor(1.5), 1)  # finite: nothing happens
+    with pytest.raises(NonFiniteLoss, match=r"sft step 2: non-finite loss \(inf\) on rank 0; stopped before the "
+                                            r"optimizer step.*Last good checkpoint: none"):
+        guard.check_loss(torch.tensor(float("inf")), 2)
+
+
+def test_guard_skip_is_taken_once_per_step_and_limited(tmp_path):
+    import torch
+
+    from dpo_dist.reliability import NonFiniteLoss
+
+    guard, said = _guard(tmp_path, on_nonfinite_loss="skip", max_nonfinite_skips=2)
+    nan = torch.tensor(float("nan"))
+    guard.check_loss(nan, 3)
+    guard.check_loss(nan, 3)  # a second bad micro-batch of the same step
+    assert guard.skipped_steps == [3] and len(said) == 1 and "skipping this step's update" in said[0]
+    assert guard.take_skip() and not guard.take_skip()
+    guard.check_loss(nan, 5)
+    guard.end_step()  # fp16: the scaler skipped optimizer.step itself; the next good step must not be dropped
+    assert not guard.take_skip()
+    with pytest.raises(NonFiniteLoss, match=r"again after 2 skipped steps \(3, 5\).*train.max_nonfinite_skips"):
+        guard.check_loss(nan, 7)
+
+
+def test_write_failures_are_recognised_and_others_are_not(tmp_path):
+    import errno as errno_
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from dpo_dist.reliability import is_write_failure
+
+    torch_write = RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0: file write failed")
+    assert is_write_failure(OSError(errno_.ENOSPC, "No space left on device"))
+    assert is_write_failure(torch_write)
+    assert is_write_failure(CheckpointException("save", {0: (torch_write, None)}))
+    assert not is_write_failure(RuntimeError("CUDA out of memory"))
+    guard, _ = _guard(tmp_path)
+    msg = str(guard.save_failed(torch_write, 4, tmp_path / "staged"))
+    assert "saving checkpoint-4 failed on rank 0: [enforce fail" in msg and "Free disk space" in msg
+
+
+# ---- a crash while a checkpoint is being written ------------------------------------------------------------------
+
+@pytest.mark.e2e
+@pytest.mark.distributed
+def test_crash_while_saving_keeps_the_previous_checkpoint_and_resume_is_exact(tiny_base, data, tmp_path):  # noqa: F811
+    recipe = sft_recipe(tmp_path, tiny_base, data)
+    cmd = launch(recipe, "cpu-fsdp-2", "29612")
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    run([*cmd, f"output_dir={whole}"])
+    proc = run([*cmd, f"output_dir={broken}"], env={"DPO_DIST_FAULT": "save-kill@4:1"}, expect=1)
+    assert "SIGKILL while writing" in output(proc)
+    sft = broken / "sft"
+    assert checkpoints(sft) == ["checkpoint-2"]  # the partial checkpoint-4 never reached its final name
+    assert (sft / "checkpoints" / STAGING / "checkpoint-4").is_dir()
+    previous = sft / "checkpoints" / "checkpoint-2"
+    assert (previous / COMPLETE).is_file()
+    # the same files as the uninterrupted run's checkpoint-2 (FSDP writes sharded .distcp files, compared by size)
+    same = whole / "sft" / "checkpoints" / "checkpoint-2"
+    assert _files(previous) == _files(same)
+    proc = run([*cmd, f"output_dir={broken}", "--resume"])
+    assert "a partial checkpoint left by a save that never finished" in output(proc)
+    assert f"resuming sft from {previous}" in output(proc)
+    assert steps(sft) == [1, 2, 3, 4, 5, 6]
+    assert checkpoints(sft) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert not (sft / "checkpoints" / STAGING / "checkpoint-4").exists()
+    for key in ("loss", "grad_norm"):
+        assert rel_diff(losses(whole / "sft", key), losses(sft, key)) <= 1e-6, key
+    assert weights_diff(whole / "sft" / "adapter", sft / "adapter") <= 1e-6
+
+
+@pytest.mark.e2e
+@pytest.mark.distributed
+def test_full_disk_while_saving_is_one_clear_error(tiny_base, data, tmp_path):  # noqa: F811
+    recipe = sft_recipe(tmp_path, tiny_base, data, save_total_limit=1)
+    proc = run(launch(recipe, "cpu-ddp-2", "29613"), env={"DPO_DIST_FAULT": "save-enospc@4:0"}, expect=1)
+    sft = tmp_path / "runs" / "sft"
+    errors = error_lines(proc)
+    assert errors, output(proc)[-3000:]
+    msg = errors[0]
+    assert "saving checkpoint-4 failed on rank 0: No space left on device (ENOSPC), writing" in msg
+    assert "optimizer.pt.part" in msg and "GiB free" in msg and "Free disk space" in msg
+    assert f"last good checkpoint: {sft / 'checkpoints' / 'checkpoint-2'}" in msg
+    assert "then run again with --resume" in msg
+    assert checkpoints(sft) == ["checkpoint-2"] and (sft / "checkpoints" / "checkpoint-2" / COMPLETE).is_file()
+    assert not (sft / "adapter").exists()
+    # the partial checkpoint stays in .staging (never resumed from) until the next start removes it
+    proc = run(launch(recipe, "cpu-ddp-2", "29613") + ["--resume"])
+    assert "a partial checkpoint left by a save that never finished" in output(proc)
+    assert f"resuming sft from {sft / 'checkpoints' / 'checkpoint-2'}" in output(proc)
+    assert steps(sft) == [1, 2, 3, 4, 5, 6] and checkpoints(sft) == ["checkpoint-6"]  # save_total_limit 1
+
+
+# ---- non-finite loss and weights ----------------------------------------------------------------------------------
+
+@pytest.mark.e2e
+@pytest.mark.distributed
+def test_nan_loss_on_one_rank_stops_both_naming_step_and_last_good_checkpoint(tiny_base, data, tmp_path):  # noqa: F811
+    recipe = sft_recipe(tmp_path, tiny_base, data)
+    proc = run(launch(recipe, "cpu-ddp-2", "29614"), env={"DPO_DIST_FAULT": "nan-loss@3:1"}, expect=1)
+    sft = tmp_path / "runs" / "sft"
+    last_good = sft / "checkpoints" / "checkpoint-2"
+    errors = error_lines(proc)
+    assert len(errors) == 2, output(proc)[-3000:]  # both ranks stop, each saying so
+    assert any("sft step 3: non-finite loss (nan) on rank 1" in e for e in errors)
+    assert any("sft step 3: rank 0: another rank saw a non-finite loss; stopped before the optimizer step" in e
+               for e in errors)
+    assert all(f"Last good checkpoint: {last_good}" in e and "on_nonfinite_loss: skip" in e for e in errors)
+    assert steps(sft) == [1, 2] and checkpoints(sft) == ["checkpoint-2"] and not (sft / "adapter").exists()
+    assert all(t.isfinite().all() for t in load_file(last_good / "adapter_model.safetensors").values())
+
+
+@pytest.mark.e2e
+@pytest.mark.distributed
+def test_nan_loss_skip_drops_that_update_on_both_ranks(tiny_base, data, tmp_path):  # noqa: F811
+    recipe = sft_recipe(tmp_path, tiny_base, data, on_nonfinite_loss="skip", save_steps=100)
+    proc = run(launch(recipe, "cpu-fsdp-2", "29615"), env={"DPO_DIST_FAULT": "nan-loss@3:1"})
+    sft = tmp_path / "runs" / "sft"
+    assert "sft step 3: rank 0: another rank saw a non-finite loss; skipping this step's update" in output(proc)
+    summary = json.loads((sft / "summary.json").read_text())
+    assert summary["nonfinite_skipped_steps"] == [3] and summary["global_step"] == 6
+    adapter = load_file(sft / "adapter" / "adapter_model.safetensors")
+    assert adapter and all(t.isfinite().all() for t in adapter.values())
+    logged = [m for m in losses(sft) if not math.isnan(m)]
+    assert len(logged) == 6  # every step logged a finite loss (the Trainer logs the running mean for step 3)
+
+
+@pytest.mark.e2e
+def test_nan_weights_are_never_saved(tiny_base, data, tmp_path):  # noqa: F811
+    recipe = sft_recipe(tmp_path, tiny_base, data)
+    proc = run([sys.executable, "-m", "dpo_dist.train", recipe, "--profile", "cpu"],
+               env={"DPO_DIST_FAULT": "nan-weights@2"}, expect=1)
+    sft = tmp_path / "runs" / "sft"
+    (msg,) = error_lines(proc)
+    assert re.search(r"sft step 2: trainable weights hold NaN/inf \(\S+lora_\S+ on rank 0\); not saving "
+                     r"checkpoint-2\. Last good checkpoint: none", msg), msg
+    assert checkpoints(sft) == [] and not (sft / "checkpoints" / STAGING / "checkpoint-2").exists()
+    assert not (sft / "adapter").exists()
+
+
+# ---- a hung rank ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.e2e
+@pytest.mark.distributed
+def test_hung_rank_times_out_with_a_useful_message(tiny_base, data, tmp_path):  # noqa: F811
+    profile = yaml.safe_load((LAUNCH_DIR / "cpu-ddp-2.yaml").read_text())
+    profile["collective_timeout_s"] = 15
+    path = tmp_path / "cpu-ddp-2-short-timeout.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    recipe = sft_recipe(tmp_path, tiny_base, data, save_steps=100)
+    started = time.time()
+    proc = run(launch(recipe, str(path), "29616"), env={"DPO_DIST_FAULT": "hang@2:1"}, expect=1, timeout=300)
+    took = time.time() - started
+    hung_at = float(re.search(r"\[fault\] rank 1: hanging at the end of step 2 \(t=([\d.]+)\)", output(proc))[1])
+    errors = error_lines(proc)
+    assert any("rank 0: a collective operation did not finish within collective_timeout_s=15 s during sft step 3"
+               in e and "another rank is hung or died" in e and "raise collective_timeout_s" in e
+               for e in errors), output(proc)[-3000:]
+    exit_after = time.time() - hung_at
+    print(f"hung rank: job exited {exit_after:.1f} s after the hang (timeout 15 s), whole run {took:.1f} s")
+    assert exit_after < 15 + 60
