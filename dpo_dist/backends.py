@@ -90,7 +90,6 @@ def check_run(recipe: Recipe, profile: Profile, launch: Launch, backend: Backend
     import torch
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    _check_sources(recipe)
     where = f"profile {profile.name}" + (f" ({profile.source})" if profile.source else "")
     if profile.world_size > 1 and launch.world_size == 1:
         raise ConfigError(
@@ -127,8 +126,9 @@ def check_run(recipe: Recipe, profile: Profile, launch: Launch, backend: Backend
         _check_zero_file(profile, backend)
 
 
-def _check_sources(recipe: Recipe) -> None:
-    """A missing data file or local model directory is refused here, not after minutes of loading."""
+def check_sources(recipe: Recipe) -> None:
+    """A missing data file or local model directory is refused before a run starts, not after minutes of loading.
+    (Not part of check_run: `dpo-dist launch --dry-run` previews a command where the data is not.)"""
     from dpo_dist.data.formats import DataError, check_source
 
     model = recipe.model.name_or_path

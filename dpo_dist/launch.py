@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from dpo_dist.backends import Backend, Launch, check_run
+from dpo_dist.backends import Backend, Launch, check_run, check_sources
 from dpo_dist.profiles import Profile, gradient_accumulation, load_profile
 from dpo_dist.recipe import load_recipe
 from dpo_dist.schema import ConfigError
@@ -91,8 +91,10 @@ def write_deepspeed_hostfile(count: int, procs: int) -> Path:
     return path
 
 
-def preflight(recipe_path: str, profile: Profile, overrides: list[str], nodes: int, procs: int | None = None) -> None:
-    """Refuse up front, in the launching process, what check_run would refuse on every rank."""
+def preflight(recipe_path: str, profile: Profile, overrides: list[str], nodes: int, procs: int | None = None,
+              sources: bool = True) -> None:
+    """Refuse up front, in the launching process, what check_run (and, unless `sources` is off, check_sources)
+    would refuse on every rank."""
     recipe = load_recipe(recipe_path, overrides)
     world = (procs or profile.num_processes) * nodes
     launch = Launch(world_size=world, rank=0, local_rank=0, accelerate_fsdp=profile.backend == "fsdp",
@@ -101,6 +103,8 @@ def preflight(recipe_path: str, profile: Profile, overrides: list[str], nodes: i
     stage = profile.deepspeed_settings().get("zero_optimization", {}).get("stage", 0) if ds else 0
     backend = Backend(profile.backend, ds, stage, profile.fsdp_settings())
     check_run(recipe, profile, launch, backend, cuda=False)  # the GPU checks run again on the ranks themselves
+    if sources:
+        check_sources(recipe)
     for s in recipe.stages:
         gradient_accumulation(s.train.global_batch_size, profile.micro_batch_size, world, f"stages.{s.name}.train")
 
@@ -110,7 +114,7 @@ def launch(recipe: str, profile_arg: str, overrides: list[str], nodes: Nodes | N
     profile = load_profile(profile_arg)
     nodes = nodes or Nodes()
     count = nodes.count or profile.num_nodes
-    preflight(recipe, profile, overrides, count, nodes.procs)
+    preflight(recipe, profile, overrides, count, nodes.procs, sources=not dry_run)
     train_args = [*(["--stage", stage] if stage else []), *(["--resume"] if resume else []), *overrides]
     cmd = build_command(recipe, profile, profile_arg, nodes, train_args)
     print(shlex.join(cmd), flush=True)

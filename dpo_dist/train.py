@@ -16,8 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from dpo_dist.backends import (Backend, Launch, check_run, init_fsdp_state, init_process_group, resolve,
-                               trainer_overrides)
+from dpo_dist.backends import (Backend, Launch, check_run, check_sources, init_fsdp_state, init_process_group,
+                               resolve, trainer_overrides)
 from dpo_dist.profiles import Profile, load_profile
 from dpo_dist.recipe import Recipe, StageConfig, load_recipe
 from dpo_dist.schema import ConfigError
@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         launch = Launch.from_env()
         backend = resolve(profile, launch, args.deepspeed)
         check_run(recipe, profile, launch, backend)
+        check_sources(recipe)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -88,7 +88,8 @@ def _missing_model(recipe, tmp_path):
     recipe["model"]["name_or_path"] = str(tmp_path / "no-such-model")
 
 
-# (id, recipe mutation, command: "train" or "launch", profile (name or writer), extra args, [substrings])
+# (id, recipe mutation, command: "train", "launch" (--dry-run) or "launch-run", profile (name or writer), extra args,
+#  [substrings])
 CASES = [
     ("unknown top-level key", _set("sede", 3), "train", None, [], ["sede: unknown key", "did you mean 'seed'"]),
     ("unknown nested key", _set("train.learning_rat", 1e-4), "train", None, [],
@@ -111,6 +112,8 @@ CASES = [
     ("skip non-finite loss under DeepSpeed", _set("train.on_nonfinite_loss", "skip"), "launch", "cpu-zero3-2", [],
      ["stages.sft.train.on_nonfinite_loss: skip is not available under DeepSpeed", "use stop (the default)"]),
     ("missing data file", _missing_data, "train", None, [],
+     ["stages.sft.data.train:", "no such file or directory"]),
+    ("missing data file, through launch", _missing_data, "launch-run", "cpu", [],
      ["stages.sft.data.train:", "no such file or directory"]),
     ("missing model directory", _missing_model, "train", None, [],
      ["model.name_or_path:", "does not exist; give an existing model directory"]),
@@ -179,8 +182,9 @@ def test_bad_config_is_refused_before_weights_load(case, base, tmp_path, capsys,
     if command == "train":
         argv = [str(path), *extra] + (["--profile", profile] if profile else [])
         code = train.main(argv)
-    else:
-        code = cli.main(["launch", str(path), "--profile", profile, "--dry-run", *extra])
+    else:  # launch-run: a real launch (it must be refused before the launcher starts)
+        dry = ["--dry-run"] if command == "launch" else []
+        code = cli.main(["launch", str(path), "--profile", profile, *dry, *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("error: ")
