@@ -39,6 +39,7 @@ def test_demo_dpo_beats_sft(tmp_path):
     for stage in ("pretrain", "sft", "dpo"):
         assert (out / stage / "metrics.jsonl").stat().st_size > 0
         assert (out / stage / "summary.json").is_file()
+        assert (out / stage / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def run_cli(*args):

@@ -77,8 +77,13 @@ def run_demo(out: Path, overrides: list[str] = (), profile: str = "cpu") -> dict
     run_recipe(recipe, load_profile(profile))
     print("[demo] evaluating base / SFT / DPO on held-out pairs (none of them in the training data)")
     results = evaluate_models(out, recipe.model.template)
+    from dpo_dist.tools.plot import plot_runs
+
+    for stage in recipe.stages:  # one figure per stage: its curves (dpo: rewards and margins too)
+        plot_runs([out / stage.name], out / stage.name / "metrics.png", title=f"demo: {stage.name}")
     elapsed = time.time() - started
     table = format_table(results)
-    print("\n" + table + f"\n\n[demo] finished in {elapsed:.0f} s; run directories under {out}")
+    print("\n" + table + f"\n\n[demo] finished in {elapsed:.0f} s; run directories under {out}; training curves in "
+          f"{out}/<stage>/metrics.png")
     (out / "demo_results.json").write_text(json.dumps({"results": results, "seconds": round(elapsed, 1)}, indent=1))
     return results
