@@ -209,9 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="also fail (exit 1) on warnings")
     p.set_defaults(func=_validate)
 
-    from dpo_dist.tools import plot
+    from dpo_dist.tools import firefly_import, plot
 
     plot.add_parser(sub)
+    firefly_import.add_parser(sub)
 
     p = sub.add_parser("profiles", help="list the launch profiles")
     p.set_defaults(func=_profiles)
