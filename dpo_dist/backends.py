@@ -12,7 +12,6 @@ from pathlib import Path
 
 from dpo_dist.profiles import Profile, profile_names, load_profile
 from dpo_dist.recipe import Recipe
-from dpo_dist.safe_loading import harden_checkpoint_loading
 from dpo_dist.schema import ConfigError
 
 ZERO_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -175,7 +174,6 @@ def init_process_group(backend: Backend, launch: Launch, timeout) -> None:
     import torch
     import torch.distributed as dist
 
-    harden_checkpoint_loading()
     if launch.world_size <= 1 or dist.is_initialized():
         return
     if backend.kind == "deepspeed":

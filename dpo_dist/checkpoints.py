@@ -76,11 +76,16 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(dirpath))
 
 
+def staged_checkpoint(checkpoints: Path, step: int) -> Path:
+    """Where checkpoint-{step} is written before it is complete."""
+    return checkpoints / STAGING / f"checkpoint-{step}"
+
+
 def commit_checkpoint(checkpoints: Path, step: int, keep: int | None, log=None) -> Path | None:
     """Rank 0, after every rank wrote (and fsynced) `.staging/checkpoint-{step}`: move it into place, mark it
     complete, then rotate. Returns the checkpoint, or None when nothing was staged (a plain Trainer saved it in place,
     in which case it is only marked)."""
-    staged, final = checkpoints / STAGING / f"checkpoint-{step}", checkpoints / f"checkpoint-{step}"
+    staged, final = staged_checkpoint(checkpoints, step), checkpoints / f"checkpoint-{step}"
     if staged.is_dir():
         if final.exists():  # a stale, unmarked copy from an interrupted run
             shutil.rmtree(final)
@@ -153,7 +158,7 @@ class CheckpointMarker(TrainerCallback):
             shutil.rmtree(staging, ignore_errors=True)
 
     def on_save(self, args, state, control, **kwargs):
-        staged = Path(args.output_dir) / STAGING / f"checkpoint-{state.global_step}"
+        staged = staged_checkpoint(Path(args.output_dir), state.global_step)
         if staged.is_dir():  # each rank flushes what it wrote: on a network file system only the writer can
             _fsync_tree(staged)
         _barrier()

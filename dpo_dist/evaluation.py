@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from dpo_dist.data.render import Renderer
-from dpo_dist.data.tokenize import tokenize_dpo
+from dpo_dist.data.tokenize import prompt_budget, tokenize_dpo
 
 
 @torch.no_grad()
@@ -16,7 +16,7 @@ def sequence_logps(model, tokenizer, renderer: Renderer, rows: list[dict], max_l
     model.eval()
     collate = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)  # the training batch layout
     chosen, rejected = [], []
-    encoded = [tokenize_dpo(r, tokenizer, renderer, max_length, max_length // 2) for r in rows]
+    encoded = [tokenize_dpo(r, tokenizer, renderer, max_length, prompt_budget(max_length, None)) for r in rows]
     for start in range(0, len(encoded), batch_size):
         batch = {k: v.to(model.device) for k, v in collate(encoded[start : start + batch_size]).items()}
         ids, comp = batch["input_ids"], batch["completion_mask"]

@@ -141,9 +141,9 @@ class StageConfig:
             self.name = self.stage
         if self.max_length <= 1:
             raise ConfigError(f"{where}.max_length: must be > 1, got {self.max_length}")
-        from dpo_dist.data.formats import DPO_FORMATS, PRETRAIN_FORMATS, SFT_FORMATS
+        from dpo_dist.data.formats import FORMATS
 
-        formats = {"sft": SFT_FORMATS, "dpo": DPO_FORMATS, "pretrain": PRETRAIN_FORMATS}[self.stage]
+        formats = FORMATS[self.stage]
         if self.data.format not in formats:
             from dpo_dist.schema import closest
 

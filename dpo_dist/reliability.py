@@ -22,7 +22,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from dpo_dist.checkpoints import STAGING, any_rank, latest_complete
+from dpo_dist.checkpoints import STAGING, any_rank, latest_complete, staged_checkpoint
 from dpo_dist.faults import Faults
 
 
@@ -48,14 +48,6 @@ class CollectiveFailure(TrainingFault):
 
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
-
-
-def _local(param):
-    if hasattr(param, "to_local"):  # FSDP2 DTensor: this rank's shard
-        return param.to_local()
-    if hasattr(param, "ds_tensor"):  # ZeRO-3: this rank's partition
-        return param.ds_tensor
-    return param
 
 
 @dataclass
@@ -119,8 +111,10 @@ class Guard:
         """Collective: raise on every rank if any rank holds a non-finite trainable weight."""
         import torch
 
+        from dpo_dist.stages.common import local_tensor
+
         bad = next((name for name, p in model.named_parameters()
-                    if p.requires_grad and not bool(torch.isfinite(_local(p).detach()).all())), None)
+                    if p.requires_grad and not bool(torch.isfinite(local_tensor(p).detach()).all())), None)
         if any_rank(bad is not None):
             where = f"{bad} on rank {_rank()}" if bad else "another rank's weights"
             raise NonFiniteWeights(
@@ -159,7 +153,7 @@ class Guard:
         if not any(isinstance(e, dist.DistError) or _BACKEND.search(str(e)) for e in chain):
             return None  # not from a collective: a hub timeout or a file system error keeps its own message
         text = " | ".join(str(e) for e in chain)
-        first = text.strip().splitlines()[0][:300] if text.strip() else type(err).__name__
+        first = _first_line(err)
         if _TIMEOUT.search(text):
             return CollectiveFailure(
                 f"rank {_rank()}: a collective operation did not finish within collective_timeout_s="
@@ -237,8 +231,7 @@ class GuardedTrainer:
         except BaseException as err:  # torch.distributed.checkpoint raises a BaseException
             if isinstance(err, (KeyboardInterrupt, SystemExit)) or not is_write_failure(err):
                 raise
-            staged = Path(self.args.output_dir) / STAGING / f"checkpoint-{step}"
-            raise self.guard.save_failed(err, step, staged) from err
+            raise self.guard.save_failed(err, step, staged_checkpoint(Path(self.args.output_dir), step)) from err
         finally:
             self._staging = False
 

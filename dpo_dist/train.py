@@ -58,6 +58,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
     from dpo_dist.checkpoints import CheckpointMarker, StopOnRequest, latest_complete
     from dpo_dist.faults import Faults, fault_callbacks
     from dpo_dist.reliability import Guard, GuardCallback
+    from dpo_dist.safe_loading import harden_checkpoint_loading
     from dpo_dist.stages.common import MetricsLogger, model_facts, precision_of, save_trained
     from dpo_dist.stages.dpo import build_dpo_trainer, dpo_args
     from dpo_dist.stages.sft import build_sft_trainer, sft_args
@@ -76,6 +77,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
     overrides = trainer_overrides(profile, backend, checkpointing, peft=method != "full")
     timeout = timedelta(seconds=profile.collective_timeout_s)
     init_process_group(backend, Launch.from_env(), timeout)
+    harden_checkpoint_loading()  # before any checkpoint (DeepSpeed's, FSDP's sharded ones) can be read
     args = (dpo_args if kind == "dpo" else sft_args)(stage, profile, run_dir, recipe.seed, world_size(), overrides)
     state = PartialState(cpu=overrides["use_cpu"], timeout=timeout)
     if state.is_main_process:

@@ -13,12 +13,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
-from dpo_dist.data.formats import (DPO_FORMATS, PRETRAIN_FORMATS, SFT_FORMATS, WARNING_KINDS, BadRow, DataError,
-                                   RowWarning, count_warnings, describe_warning_counts, scan_source)
+from dpo_dist.data.formats import (FORMATS, WARNING_KINDS, BadRow, DataError, RowWarning, count_warnings,
+                                   describe_warning_counts, scan_source)
 from dpo_dist.schema import ConfigError
 
-_FORMATS = {"sft": SFT_FORMATS, "dpo": DPO_FORMATS, "pretrain": PRETRAIN_FORMATS}
-KINDS = tuple(_FORMATS)
+KINDS = tuple(FORMATS)
 _REASON_MAX = 300  # characters of an exception message shown in a one-line notice
 
 
@@ -182,8 +181,8 @@ def validate_file(source: str, kind: str, fmt: str = "auto", split: str = "train
     """Check one file (or pretrain directory). Token-length checks run only with ``tokenizer``."""
     if kind not in KINDS:
         raise ConfigError(f"--format: {kind!r} is not one of {', '.join(KINDS)}")
-    if fmt not in _FORMATS[kind]:
-        raise ConfigError(f"--data-format: {fmt!r} is not a {kind} format ({', '.join(_FORMATS[kind])})")
+    if fmt not in FORMATS[kind]:
+        raise ConfigError(f"--data-format: {fmt!r} is not a {kind} format ({', '.join(FORMATS[kind])})")
     if tokenizer is None and (template, max_length, max_prompt_length) != (None, None, None):
         raise ConfigError("--template, --max-length and --max-prompt-length need --tokenizer")
     if max_prompt_length is not None and kind != "dpo":

@@ -31,14 +31,14 @@ from dpo_dist.data import converters as _conv
 from dpo_dist.data.converters import RowError as _RowError
 
 __all__ = ["read_source", "scan_source", "check_source", "DataError", "BadRow", "RowWarning",
-           "LoadResult", "SFT_FORMATS", "DPO_FORMATS", "PRETRAIN_FORMATS", "WARNING_KINDS",
+           "LoadResult", "FORMATS", "SFT_FORMATS", "DPO_FORMATS", "PRETRAIN_FORMATS", "WARNING_KINDS",
            "count_warnings", "describe_warning_counts", "max_line_bytes"]
 
 SFT_FORMATS = ("auto", "firefly", "openai", "sharegpt", "alpaca")
 DPO_FORMATS = ("auto", "pair", "ultrafeedback")
 PRETRAIN_FORMATS = ("auto", "text")
 
-_KINDS = {"sft": SFT_FORMATS, "dpo": DPO_FORMATS, "pretrain": PRETRAIN_FORMATS}
+FORMATS = {"sft": SFT_FORMATS, "dpo": DPO_FORMATS, "pretrain": PRETRAIN_FORMATS}  # data kind -> its formats
 _ON_BAD_ROW = ("error", "skip")
 _FILE_EXTS = (".jsonl", ".json", ".parquet")
 _DIR_EXTS = _FILE_EXTS + (".txt",)
@@ -479,11 +479,11 @@ class _Reader:
 
 
 def _check_args(kind: str, fmt: str = "auto", on_bad_row: str = "error") -> None:
-    if kind not in _KINDS:
-        raise ValueError(f"kind must be one of {', '.join(_KINDS)}, got {kind!r}")
-    if fmt not in _KINDS[kind]:
+    if kind not in FORMATS:
+        raise ValueError(f"kind must be one of {', '.join(FORMATS)}, got {kind!r}")
+    if fmt not in FORMATS[kind]:
         raise ValueError(f"format {fmt!r} is not a {kind} format; "
-                         f"choose one of {', '.join(_KINDS[kind])}")
+                         f"choose one of {', '.join(FORMATS[kind])}")
     if on_bad_row not in _ON_BAD_ROW:
         raise ValueError(f"on_bad_row must be one of {', '.join(_ON_BAD_ROW)}, got {on_bad_row!r}")
 

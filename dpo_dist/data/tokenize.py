@@ -108,6 +108,11 @@ def tokenize_dpo(row: dict, tokenizer, renderer: Renderer, max_length: int, max_
     }
 
 
+def prompt_budget(max_length: int, max_prompt_length: int | None) -> int:
+    """A DPO prompt's token budget: max_prompt_length, or half of max_length when the recipe leaves it unset."""
+    return max_length // 2 if max_prompt_length is None else max_prompt_length
+
+
 def token_length_warnings(row: dict, kind: str, tokenizer, renderer: Renderer, max_length: int,
                           max_prompt_length: int | None = None) -> list[RowWarning]:
     """Warnings for a canonical row that tokenization would truncate (same lengths as tokenize_sft/_dpo)."""
@@ -120,8 +125,7 @@ def token_length_warnings(row: dict, kind: str, tokenizer, renderer: Renderer, m
         return []
     if kind != "dpo":
         return []  # pretraining text is packed into blocks: nothing is cut
-    if max_prompt_length is None:
-        max_prompt_length = max_length // 2
+    max_prompt_length = prompt_budget(max_length, max_prompt_length)
     prompt_text, completions = renderer.prompt_and_completions(
         renderer.prepare(row["prompt"]), [row["chosen"], row["rejected"]])
     prompt = len(_ids(tokenizer, prompt_text))
@@ -189,8 +193,8 @@ def prepare_dataset(
     num_proc: int | None = None,
     log=print,
 ) -> Prepared:
-    if kind == "dpo" and max_prompt_length is None:
-        max_prompt_length = max_length // 2
+    if kind == "dpo":
+        max_prompt_length = prompt_budget(max_length, max_prompt_length)
     options = dict(kind=kind, fmt=fmt, on_bad_row=on_bad_row, split=split, max_rows=max_rows,
                    max_length=max_length, max_prompt_length=max_prompt_length)
     key = _cache_key(source, options, tokenizer, renderer)

@@ -5,7 +5,6 @@ import copy
 import importlib.util
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -160,14 +159,14 @@ def _write_adapter(model, state: dict, out: Path) -> None:
     config.save_pretrained(str(out))
 
 
-def _local_numel(param) -> int:
-    """Elements this rank stores: an FSDP2 DTensor's local shard, a ZeRO-3 parameter's partition (its own
+def local_tensor(param):
+    """What this rank stores of a parameter: an FSDP2 DTensor's local shard, a ZeRO-3 parameter's partition (its own
     `.numel()` is the global size, or 0 once partitioned), otherwise the whole tensor."""
     if hasattr(param, "to_local"):
-        return param.to_local().numel()
+        return param.to_local()
     if hasattr(param, "ds_tensor"):
-        return param.ds_tensor.numel()
-    return param.numel()
+        return param.ds_tensor
+    return param
 
 
 def model_facts(model) -> dict:
@@ -179,7 +178,7 @@ def model_facts(model) -> dict:
         if type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes"):
             quantized += 1
     for param in model.parameters():
-        n = _local_numel(param)
+        n = local_tensor(param).numel()
         total += n
         dtype = str(param.dtype).replace("torch.", "")
         all_dtypes.add(dtype)
