@@ -154,6 +154,8 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
     save_trained(trainer, output, peft=peft_config is not None)
     model_path = str(output)
     if is_main_process():
+        if renderer.template is not None:  # the exported tokenizer renders chats as training did, in any tool
+            tokenizer.chat_template = renderer.template.standalone_source()
         tokenizer.save_pretrained(str(output))
     trainer.accelerator.wait_for_everyone()
     if peft_config is not None and has_next and recipe.chain:

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -221,7 +222,7 @@ def test_sharded_adapter_reloads_with_same_logits_and_merges(case, tiny_base, da
     from transformers import AutoModelForCausalLM
 
     launcher, profile = PROBE[case]
-    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_base, data, chain=True, max_steps=3)
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_base, data, chain=True, max_steps=3, save_steps=3)
     probe = tmp_path / "probe.pt"
     run([BIN / launcher[0], *launcher[1:], ROOT / "tests" / "dist_probe.py", recipe, profile, probe])
     runs = tmp_path / "runs"
@@ -246,6 +247,22 @@ def test_sharded_adapter_reloads_with_same_logits_and_merges(case, tiny_base, da
     assert torch.allclose(logits(dpo), got["logits"], atol=1e-4), (logits(dpo) - got["logits"]).abs().max()
     lora_b = [v for k, v in dpo.state_dict().items() if "lora_B" in k]
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # every rank's slice made it into the file
+
+    # `dpo-dist merge` from the sharded checkpoint of the last step (FSDP: torch.distributed.checkpoint shards;
+    # ZeRO-3: the gathered adapter, and once that is removed, the per-rank partitions) gives the same model.
+    checkpoint = runs / "sft" / "checkpoints" / "checkpoint-3"
+    shards_only = tmp_path / "shards-only" / "sft" / "checkpoints" / "checkpoint-3"
+    shutil.copytree(checkpoint, shards_only)
+    shutil.copy(runs / "sft" / "recipe.yaml", shards_only.parent.parent)  # the LoRA settings come from the recipe
+    for f in [*shards_only.glob("adapter_*"), *shards_only.glob("tokenizer*")]:
+        f.unlink()
+    for source in {checkpoint, shards_only}:
+        out = tmp_path / f"from-{source.parent.parent.parent.name}"
+        proc = run([BIN / "dpo-dist", "merge", "--base", tiny_base, "--adapter", source, "--out", out, "--dtype", "fp32"])
+        assert "rebuilt the adapter" in proc.stdout + proc.stderr or source == checkpoint
+        from_checkpoint = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        assert torch.allclose(logits(from_checkpoint), logits(merged), atol=1e-5), source
+        assert "<|im_start|>system" in (out / "chat_template.jinja").read_text()  # the recipe's template
 
 
 # ---- SIGKILL rank 1 after step 3: the job exits within 60 s; resume gives the same per-step metrics and adapter ------------------------------

@@ -173,3 +173,21 @@ def test_golden_llama2() -> None:
         "<s>[INST] <<SYS>>\nBe terse.\n<</SYS>>\n\nWhat is 2+2? [/INST] It is 4. </s>"
         "<s>[INST] And 3+3? [/INST] It is 6. </s>"
     )
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("with_system", [False, True])
+def test_standalone_source_renders_like_training_in_transformers(name: str, with_system: bool, tiny_base) -> None:
+    # A trained model's saved tokenizer carries standalone_source(); transformers' own renderer must give the text
+    # training saw, default system prompt included.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_base))
+    tokenizer.chat_template = get_template(name).standalone_source()
+    messages = conversation(with_system)
+    for gen, msgs in ((False, messages), (True, messages[:1 + with_system])):
+        ours = get_template(name).render(apply_default_system(get_template(name), msgs), add_generation_prompt=gen,
+                                         bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "")
+        assert tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen) == ours
+    if get_template(name).default_system and not with_system:
+        assert get_template(name).default_system in ours

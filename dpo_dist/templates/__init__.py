@@ -10,6 +10,7 @@ Jinja cannot express (default system prompt, end-of-turn marker) lives here.
 from __future__ import annotations
 
 import difflib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -111,6 +112,20 @@ class ChatTemplate:
             bos_token=bos_token,
             eos_token=eos_token,
         )
+
+
+    def standalone_source(self) -> str:
+        """This template as one Hugging Face chat template (a tokenizer's `chat_template`). The Jinja file leaves the
+        default system prompt to apply_default_system and expects bos/eos tokens to be passed; here both are settled
+        inside the template, so a saved tokenizer renders conversations as training did in any tool."""
+        # transformers passes only the special tokens a tokenizer defines; training renders a missing one as "".
+        head = "{%- set bos_token = bos_token | default('') %}\n{%- set eos_token = eos_token | default('') %}\n"
+        if self.default_system is not None:
+            system = json.dumps(self.default_system, ensure_ascii=False)
+            head += ("{%- if messages | selectattr('role', 'equalto', 'system') | list | length == 0 %}\n"
+                     f"    {{%- set messages = [{{'role': 'system', 'content': {system}}}] + messages %}}\n"
+                     "{%- endif %}\n")
+        return head + self.source
 
 
 def template_names() -> list[str]:
