@@ -26,10 +26,11 @@ def _demo(args) -> int:
 
 
 def _merge(args) -> int:
-    from dpo_dist.merge import merge_adapter
+    from dpo_dist.merge import describe, merge_adapter
 
-    out = merge_adapter(args.base, args.adapter, args.out, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    print(f"merged model written to {out}")
+    out = merge_adapter(args.base, args.adapter, args.out, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                        max_shard_size=args.max_shard_size)
+    print(f"merged model written to {out} ({describe(out)}, {args.dtype})")
     return 0
 
 
@@ -209,10 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="also fail (exit 1) on warnings")
     p.set_defaults(func=_validate)
 
-    from dpo_dist.tools import firefly_import, plot
+    from dpo_dist.tools import chat, evaluate, firefly_import, plan, plot
 
-    plot.add_parser(sub)
-    firefly_import.add_parser(sub)
+    for tool in (plan, chat, evaluate, plot, firefly_import):
+        tool.add_parser(sub)  # each registers its subcommand(s)
 
     p = sub.add_parser("profiles", help="list the launch profiles")
     p.set_defaults(func=_profiles)
@@ -222,11 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides of configs/recipes/demo.yaml")
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("merge", help="merge a LoRA adapter into a full-precision copy of its base")
-    p.add_argument("--base", required=True)
-    p.add_argument("--adapter", required=True)
+    p = sub.add_parser("merge", help="merge a LoRA/QLoRA adapter into a full-precision copy of its base")
+    p.add_argument("--base", required=True, help="the full-precision base the adapter was trained on")
+    p.add_argument("--adapter", required=True, help="an adapter directory, a stage's run directory, or a checkpoint "
+                   "(also FSDP/ZeRO-3 sharded ones)")
     p.add_argument("--out", required=True)
-    p.add_argument("--dtype", default="bf16", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--dtype", default="bf16", choices=["fp32", "fp16", "bf16"], help="dtype of the merged weights "
+                   "(default bf16; never 4-bit)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=_merge)
 

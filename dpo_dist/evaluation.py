@@ -1,4 +1,4 @@
-"""Held-out evaluation: preference accuracy from policy log-probs, and greedy generations."""
+"""Held-out evaluation: preference accuracy from policy log-probs, and generations (greedy or sampled)."""
 from __future__ import annotations
 
 import torch
@@ -36,21 +36,33 @@ def preference_accuracy(model, tokenizer, renderer: Renderer, rows: list[dict]) 
 
 @torch.no_grad()
 def generate(model, tokenizer, renderer: Renderer, prompts: list[list[dict]], max_new_tokens: int = 24,
-             batch_size: int = 16) -> list[str]:
-    """Greedy completions of chat prompts, stopped at the template's end-of-turn token."""
+             batch_size: int = 16, *, temperature: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+             streamer=None) -> list[str]:
+    """Completions of chat prompts, each stopped at the template's end-of-turn token or eos. Temperature 0 is greedy;
+    above 0 it samples (seed torch beforehand for repeatable output). A `streamer` (batch size 1 only) receives the
+    token ids as they are generated, as in transformers' generate."""
     model.eval()
     eot = tokenizer.convert_tokens_to_ids(renderer.eot_token)
     stops = sorted({eot, tokenizer.eos_token_id} - {None})
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    if temperature > 0:
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p)
+    else:  # explicit, so a model's generation_config that samples by default does not
+        sampling = dict(do_sample=False)
     texts = []
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right edge
     try:
         for start in range(0, len(prompts), batch_size):
-            chunk = [renderer.render(renderer.prepare(p), add_generation_prompt=True) for p in prompts[start : start + batch_size]]
+            chunk = [renderer.render(renderer.prepare(p), add_generation_prompt=True)
+                     for p in prompts[start : start + batch_size]]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
-                                 pad_token_id=tokenizer.pad_token_id)
-            texts += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad,
+                                 repetition_penalty=repetition_penalty, streamer=streamer, **sampling)
+            for ids in out[:, enc["input_ids"].shape[1]:].tolist():
+                # Cut at the first stop: an end-of-turn marker that is not a special token would survive decoding.
+                end = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+                texts.append(tokenizer.decode(ids[:end], skip_special_tokens=True))
     finally:
         tokenizer.padding_side = side
     return [t.strip() for t in texts]
