@@ -19,13 +19,22 @@ def sequence_logps(model, tokenizer, renderer: Renderer, rows: list[dict], max_l
     encoded = [tokenize_dpo(r, tokenizer, renderer, max_length, prompt_budget(max_length, None)) for r in rows]
     for start in range(0, len(encoded), batch_size):
         batch = {k: v.to(model.device) for k, v in collate(encoded[start : start + batch_size]).items()}
-        ids, comp = batch["input_ids"], batch["completion_mask"]
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        c, r = (logp * comp[:, 1:]).sum(-1).cpu().chunk(2)  # the batch is [chosen..., rejected...]
+        c, r = summed_logps(model, batch).cpu().chunk(2)  # the batch is [chosen..., rejected...]
         chosen.append(c)
         rejected.append(r)
     return torch.cat(chosen), torch.cat(rejected)
+
+
+def summed_logps(model, batch):
+    """Per sequence, the summed log-prob of its completion tokens (the DPO trainer's sequence score)."""
+    ids, completion = batch["input_ids"], batch["completion_mask"]
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+    sums = []
+    for row_logits, row_ids, row_completion in zip(logits, ids, completion):  # fp32 for a whole batch over a
+        # 150k-token vocabulary would take gigabytes; one row at a time takes one row's worth
+        logp = torch.log_softmax(row_logits[:-1].float(), dim=-1).gather(-1, row_ids[1:, None]).squeeze(-1)
+        sums.append((logp * row_completion[1:]).sum())
+    return torch.stack(sums)
 
 
 def preference_accuracy(model, tokenizer, renderer: Renderer, rows: list[dict]) -> dict:

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 import torch
 
 from dpo_dist.recipe import MethodConfig, ModelConfig
+from dpo_dist.schema import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -149,3 +152,25 @@ def cast_trainable(model, dtype: torch.dtype) -> int:
             param.data = param.data.to(dtype)
             n += 1
     return n
+
+
+def _is_adapter(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def resolve_base_and_adapter(model: str, adapter: str | None) -> tuple[str, str | None]:
+    """(base model, adapter directory or None) for the tools that load a model: MODEL may itself be a LoRA adapter
+    directory, whose base is the one its adapter_config.json records."""
+    if _is_adapter(model):
+        if adapter:
+            raise ConfigError(f"{model} is a LoRA adapter directory and --adapter {adapter} was given too; "
+                              "give MODEL as the base model, or drop --adapter")
+        adapter = model
+        config = json.loads((Path(model) / "adapter_config.json").read_text(encoding="utf-8"))
+        model = config.get("base_model_name_or_path")
+        if not model:
+            raise ConfigError(f"{adapter}/adapter_config.json names no base_model_name_or_path; "
+                              "give the base as MODEL and the adapter with --adapter")
+    elif adapter and not _is_adapter(adapter):
+        raise ConfigError(f"--adapter {adapter}: no adapter_config.json there; expected a saved LoRA adapter directory")
+    return model, adapter

@@ -66,3 +66,20 @@ def test_templates_command_lists_the_registry():
     for name in ("qwen", "chatml", "llama2", "llama3", "mistral", "mixtral", "gemma", "phi3", "yi", "deepseek",
                  "minicpm", "zephyr", "vicuna", "baichuan2", "internlm2", "default"):
         assert name in names
+
+
+def test_every_subcommand_is_in_the_help_and_the_readme():
+    # One command table (dpo_dist.cli): what it registers is what --help lists and what the README documents.
+    from pathlib import Path
+
+    from dpo_dist.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    commands = set(sub.choices)
+    assert {"train", "launch", "plan", "merge", "chat", "generate", "eval", "plot", "import-firefly",
+            "validate", "parity", "slurm", "demo"} <= commands
+    help_text = run_cli("--help").stdout
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for name in sorted(commands):
+        assert name in help_text, name
+        assert f"dpo-dist {name}" in readme, f"README.md never shows `dpo-dist {name}`"

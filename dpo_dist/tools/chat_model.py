@@ -2,10 +2,10 @@
 renderer that formats conversations the way training did; plus the sampling flags both commands share."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from dpo_dist.models import resolve_base_and_adapter
 from dpo_dist.schema import ConfigError
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -60,27 +60,6 @@ def check_sampling_args(args) -> dict:
     return {"temperature": args.temperature, "top_p": args.top_p, "repetition_penalty": args.repetition_penalty}
 
 
-def _is_adapter(path: str | Path) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
-
-
-def resolve_paths(model: str, adapter: str | None) -> tuple[str, str | None]:
-    """(base model, adapter dir or None). MODEL may itself be an adapter directory."""
-    if _is_adapter(model):
-        if adapter:
-            raise ConfigError(f"{model} is a LoRA adapter directory and --adapter {adapter} was given too; "
-                              "give MODEL as the base model, or drop --adapter")
-        adapter = model
-        config = json.loads((Path(model) / "adapter_config.json").read_text(encoding="utf-8"))
-        model = config.get("base_model_name_or_path")
-        if not model:
-            raise ConfigError(f"{adapter}/adapter_config.json names no base_model_name_or_path; "
-                              "give the base as MODEL and the adapter with --adapter")
-    elif adapter and not _is_adapter(adapter):
-        raise ConfigError(f"--adapter {adapter}: no adapter_config.json there; expected a saved LoRA adapter directory")
-    return model, adapter
-
-
 def load(args) -> Loaded:
     """The model in eval mode on the GPU when there is one, its tokenizer (from the adapter directory when it holds
     one: training exports it there with the training template) and the renderer."""
@@ -89,7 +68,7 @@ def load(args) -> Loaded:
 
     from dpo_dist.data.render import Renderer
 
-    base, adapter = resolve_paths(args.model, args.adapter)
+    base, adapter = resolve_base_and_adapter(args.model, args.adapter)
     if args.trust_remote_code:
         from dpo_dist.models import warn_remote_code
 

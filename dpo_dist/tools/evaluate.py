@@ -37,21 +37,9 @@ class Target:
 
 
 def resolve_target(model: str, adapter: str | None) -> Target:
-    """MODEL may itself be an adapter directory: its base is then the one recorded in adapter_config.json."""
-    if adapter is not None:
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise ConfigError(f"--adapter {adapter}: no adapter_config.json in it; expected a saved LoRA adapter "
-                              "directory (a training run's <stage>/adapter)")
-        if (Path(model) / "adapter_config.json").is_file():
-            raise ConfigError(f"MODEL {model} is itself an adapter; give its base as MODEL, or drop --adapter")
-        return Target(model, adapter)
-    config = Path(model) / "adapter_config.json"
-    if not config.is_file():
-        return Target(model, None)
-    base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    if not base:
-        raise ConfigError(f"{config}: records no base_model_name_or_path; run `dpo-dist eval BASE --adapter {model}`")
-    return Target(base, model)
+    from dpo_dist.models import resolve_base_and_adapter
+
+    return Target(*resolve_base_and_adapter(model, adapter))
 
 
 def resolve_kind(source: str, kind: str, fmt: str, split: str) -> str:
@@ -123,6 +111,8 @@ def load_scorer(target: Target, ref: str | None, dpo: bool, dtype: str, trust_re
     weights, the adapter disabled, as in training), else --ref's model, else none."""
     import torch
 
+    from dpo_dist.evaluation import summed_logps
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(target.base, dtype, device, trust_remote_code, "MODEL")
     if target.adapter:
@@ -171,24 +161,12 @@ class Progress:
             self.last = now
 
 
-def summed_logps(model, batch):
-    """Per sequence, the summed log-prob of its completion tokens (the DPO trainer's sequence score)."""
-    import torch
-
-    ids, completion = batch["input_ids"], batch["completion_mask"]
-    logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
-    sums = []
-    for row_logits, row_ids, row_completion in zip(logits, ids, completion):  # fp32 for a whole batch over a
-        # 150k-token vocabulary would take gigabytes; one row at a time takes one row's worth
-        logp = torch.log_softmax(row_logits[:-1].float(), dim=-1).gather(-1, row_ids[1:, None]).squeeze(-1)
-        sums.append((logp * row_completion[1:]).sum())
-    return torch.stack(sums)
-
-
 def score_dpo(model, reference: Callable | None, dataset, batch_size: int, pad_id: int):
     """Policy log-probs of chosen and rejected, and the reference's (None without one), one tensor each."""
     import torch
     from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from dpo_dist.evaluation import summed_logps
 
     collate = DataCollatorForPreference(pad_token_id=pad_id)  # the training batch layout: [chosen..., rejected...]
     policy, ref = [], []
