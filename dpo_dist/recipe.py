@@ -92,6 +92,10 @@ class TrainConfig:
     # A step whose loss is NaN/inf: stop (naming the step and the last good checkpoint), or skip its update.
     on_nonfinite_loss: Literal["stop", "skip"] = "stop"
     max_nonfinite_skips: int = 10  # with skip: stop once this many steps were skipped
+    # Order rows so each global batch holds rows of similar length (less padding); shuffled per epoch, and keyed to
+    # the global batch only, so every profile trains on the same batches (dpo_dist.data.grouping). Not for pretrain.
+    group_by_length: bool = True
+    group_window: int = 16  # rows are sorted by length within windows of this many global batches
 
     def check(self, where: str) -> None:
         if self.learning_rate <= 0:
@@ -106,7 +110,7 @@ class TrainConfig:
             raise ConfigError(f"{where}.lr_scheduler: {self.lr_scheduler!r} is not one of {', '.join(SCHEDULERS)}")
         if self.warmup_steps < 0 or not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"{where}.warmup_steps/warmup_ratio: must be >= 0 and ratio < 1")
-        for name in ("logging_steps", "save_steps", "max_nonfinite_skips"):
+        for name in ("logging_steps", "save_steps", "max_nonfinite_skips", "group_window"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{where}.{name}: must be positive, got {getattr(self, name)}")
         if self.save_total_limit is not None and self.save_total_limit <= 0:

@@ -181,6 +181,8 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
         "global_step": trainer.state.global_step,
         "nonfinite_skipped_steps": guard.skipped_steps,
         "train_loss": result.training_loss,
+        # Pad tokens in this run's training micro-batches, all ranks (train.group_by_length lowers it).
+        "pad_token_pct": trainer.pad_token_pct(),
         "train_runtime_s": round(time.time() - started, 2),
         "final": _last_train_log(trainer.state.log_history),
         "data": {"rows": train.report["rows"], "skipped": len(train.report["skipped"]),

@@ -10,13 +10,14 @@ from pathlib import Path
 import torch.nn.functional as F
 from trl import DPOConfig, DPOTrainer
 
+from dpo_dist.data.grouping import LengthGroupedTrainer, grouping_for
 from dpo_dist.profiles import Profile
 from dpo_dist.recipe import StageConfig
 from dpo_dist.reliability import GuardedTrainer
 from dpo_dist.stages.common import training_kwargs
 
 
-class PretokenizedDPOTrainer(GuardedTrainer, DPOTrainer):
+class PretokenizedDPOTrainer(LengthGroupedTrainer, GuardedTrainer, DPOTrainer):
     """DPOTrainer that accepts rows already holding prompt_ids/chosen_ids/rejected_ids."""
 
     def __init__(self, *args, simpo_gamma: float = 0.5, **kwargs):
@@ -88,6 +89,7 @@ def build_dpo_trainer(stage: StageConfig, args: DPOConfig, model, tokenizer, tra
         peft_config=peft_config,
         callbacks=callbacks,
         simpo_gamma=stage.simpo_gamma,
+        length_grouping=grouping_for(stage),
     )
     if trainer.ref_model is not None:  # full-parameter DPO: trl runs it under no_grad but leaves it trainable
         trainer.ref_model.requires_grad_(False)

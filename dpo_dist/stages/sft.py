@@ -5,6 +5,7 @@ from pathlib import Path
 
 from trl import SFTConfig, SFTTrainer
 
+from dpo_dist.data.grouping import LengthGroupedTrainer, grouping_for
 from dpo_dist.profiles import Profile
 from dpo_dist.recipe import StageConfig
 from dpo_dist.reliability import GuardedTrainer
@@ -20,8 +21,9 @@ def sft_args(stage: StageConfig, profile: Profile, run_dir: Path, seed: int, wor
     )
 
 
-class GuardedSFTTrainer(GuardedTrainer, SFTTrainer):
-    """TRL's SFTTrainer with dpo-dist's staged checkpoints and loss guard (dpo_dist.reliability)."""
+class GuardedSFTTrainer(LengthGroupedTrainer, GuardedTrainer, SFTTrainer):
+    """TRL's SFTTrainer with dpo-dist's staged checkpoints and loss guard (dpo_dist.reliability), and length-grouped
+    batches (dpo_dist.data.grouping)."""
 
 
 def build_sft_trainer(stage: StageConfig, args: SFTConfig, model, tokenizer, train_ds, eval_ds, peft_config,
@@ -34,4 +36,5 @@ def build_sft_trainer(stage: StageConfig, args: SFTConfig, model, tokenizer, tra
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=callbacks,
+        length_grouping=grouping_for(stage),
     )
