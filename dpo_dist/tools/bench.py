@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 SIDES = {"A": "TRL baseline (plain DPOTrainer/SFTTrainer script)", "B": "dpo-dist (recipe → dpo_dist.train)"}
-TARGETS = {  # issue 7, CPU: B/A ratios measured in the same run
+TARGETS = {  # the CPU targets: B/A ratios measured in the same run
     "realistic": ("ratio_real_tokens_per_s", ">=", 1.3),
     "uniform": ("ratio_real_tokens_per_s", ">=", 0.98),
     "logits": ("ratio_logits_peak_mem", "<=", 0.5),
