@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from dpo_dist.models import DTYPES
 from dpo_dist.schema import ConfigError
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -40,8 +40,8 @@ def merge_adapter(base: str, adapter: str | Path, out: str | Path, dtype: str = 
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if dtype not in _DTYPES:
-        raise ConfigError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(out)
     if trust_remote_code:
         from dpo_dist.models import warn_remote_code
@@ -55,7 +55,7 @@ def merge_adapter(base: str, adapter: str | Path, out: str | Path, dtype: str = 
     with tempfile.TemporaryDirectory(prefix="dpo-dist-adapter-") as scratch:
         adapter_dir = resolve_adapter(Path(adapter), base, Path(scratch), log)
         with _zero3_off():
-            model = AutoModelForCausalLM.from_pretrained(base, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
             model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
         tmp = out.with_name(out.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -73,10 +73,10 @@ def resolve_adapter(adapter: Path, base: str, scratch: Path, log=print) -> Path:
 
     if not adapter.is_dir():
         raise ConfigError(f"--adapter {adapter}: no such directory")
-    if _is_adapter(adapter):
+    if _has_adapter_weights(adapter):
         return adapter
     if (adapter / "checkpoints").is_dir() or (adapter / "adapter").is_dir():  # a stage's run directory
-        if _is_adapter(adapter / "adapter"):
+        if _has_adapter_weights(adapter / "adapter"):
             return adapter / "adapter"
         ckpt = latest_complete(adapter)
         if ckpt is None:
@@ -103,7 +103,7 @@ def resolve_adapter(adapter: Path, base: str, scratch: Path, log=print) -> Path:
     return scratch
 
 
-def _is_adapter(path: Path) -> bool:
+def _has_adapter_weights(path: Path) -> bool:
     """An adapter directory with weights in it: a ZeRO-3 checkpoint saved without gathering holds an empty file."""
     if not ((path / "adapter_config.json").is_file() and (path / ADAPTER_WEIGHTS).is_file()):
         return False

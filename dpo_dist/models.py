@@ -174,3 +174,9 @@ def resolve_base_and_adapter(model: str, adapter: str | None) -> tuple[str, str 
     elif adapter and not _is_adapter(adapter):
         raise ConfigError(f"--adapter {adapter}: no adapter_config.json there; expected a saved LoRA adapter directory")
     return model, adapter
+
+
+def tokenizer_source(base: str, adapter: str | None) -> str:
+    """Where the tools load the tokenizer from: a trained adapter's directory when it holds one (training exports it
+    there, with the chat template it trained with), else the base."""
+    return adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else base

@@ -3,12 +3,11 @@ renderer that formats conversations the way training did; plus the sampling flag
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-from dpo_dist.models import resolve_base_and_adapter
+from dpo_dist.models import DTYPES, resolve_base_and_adapter, tokenizer_source
 from dpo_dist.schema import ConfigError
 
-DTYPES = ("auto", "fp32", "bf16", "fp16")
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -33,7 +32,7 @@ def add_model_args(p) -> None:
     p.add_argument("--adapter", metavar="DIR", help="LoRA adapter directory to apply on MODEL")
     p.add_argument("--template", metavar="NAME", help="chat template from the registry (dpo-dist templates); default: "
                    "the tokenizer's own (a trained model's tokenizer carries its training template), else 'default'")
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (default: the checkpoint's)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="weights dtype (default: the checkpoint's)")
     p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped with the model")
 
 
@@ -73,8 +72,8 @@ def load(args) -> Loaded:
         from dpo_dist.models import warn_remote_code
 
         warn_remote_code(base)
-    tokenizer_dir = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else base
-    dtype = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    tokenizer_dir = tokenizer_source(base, adapter)
+    dtype = {**DTYPES, "auto": "auto"}[args.dtype]
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=args.trust_remote_code)
     except OSError as err:  # a missing directory, or a hub name that cannot be fetched

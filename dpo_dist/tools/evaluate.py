@@ -257,7 +257,7 @@ def evaluate(args, log=lambda line: print(line, file=sys.stderr)) -> dict:
     """Everything `dpo-dist eval` reports, as one JSON-ready dict."""
     from dpo_dist.data.render import Renderer, TemplateError
     from dpo_dist.data.tokenize import prompt_budget
-    from dpo_dist.models import load_tokenizer
+    from dpo_dist.models import load_tokenizer, tokenizer_source
     from dpo_dist.recipe import ModelConfig
 
     # ---- what to evaluate, on what: every argument and the data are checked before a model is loaded --------------
@@ -272,9 +272,7 @@ def evaluate(args, log=lambda line: print(line, file=sys.stderr)) -> dict:
                           "of the weights is loaded); drop --ref")
 
     # ---- tokenizer, template, data ----------------------------------------------------------------------------------
-    # A trained adapter's directory carries the tokenizer it was trained with, chat template included.
-    tokenizer_dir = target.adapter if target.adapter and (Path(target.adapter) / "tokenizer_config.json").is_file() \
-        else target.base
+    tokenizer_dir = tokenizer_source(target.base, target.adapter)
     try:
         tokenizer = load_tokenizer(ModelConfig(name_or_path=tokenizer_dir, trust_remote_code=args.trust_remote_code))
     except OSError as err:
