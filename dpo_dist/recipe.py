@@ -96,6 +96,14 @@ class TrainConfig:
     # the global batch only, so every profile trains on the same batches (dpo_dist.data.grouping). Not for pretrain.
     group_by_length: bool = True
     group_window: int = 16  # rows are sorted by length within windows of this many global batches
+    # DPO: project only completion tokens through the LM head, in vocabulary tiles of this width
+    # (dpo_dist.stages.logps); false leaves TRL's fused head as it is.
+    compact_logps: bool = True
+    logps_vocab_chunk: int = 8192
+    # DPO: reference log-probs computed once per pair before the first step and cached on disk, keyed by the rows'
+    # tokens and the reference model (dpo_dist.stages.ref_cache); false runs the reference forward in every step.
+    ref_logps_cache: bool = True
+    ref_logps_batch_size: int | None = None  # pairs per forward of that pass; null = 4 × the profile's micro-batch
 
     def check(self, where: str) -> None:
         if self.learning_rate <= 0:
@@ -110,9 +118,12 @@ class TrainConfig:
             raise ConfigError(f"{where}.lr_scheduler: {self.lr_scheduler!r} is not one of {', '.join(SCHEDULERS)}")
         if self.warmup_steps < 0 or not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"{where}.warmup_steps/warmup_ratio: must be >= 0 and ratio < 1")
-        for name in ("logging_steps", "save_steps", "max_nonfinite_skips", "group_window"):
+        for name in ("logging_steps", "save_steps", "max_nonfinite_skips", "group_window", "logps_vocab_chunk"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{where}.{name}: must be positive, got {getattr(self, name)}")
+        if self.ref_logps_batch_size is not None and self.ref_logps_batch_size <= 0:
+            raise ConfigError(f"{where}.ref_logps_batch_size: must be positive, or null for 4 × the micro-batch; "
+                              f"got {self.ref_logps_batch_size}")
         if self.save_total_limit is not None and self.save_total_limit <= 0:
             raise ConfigError(f"{where}.save_total_limit: must be positive (the number of checkpoints kept), or null "
                               f"to keep all; got {self.save_total_limit}")

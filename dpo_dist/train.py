@@ -124,7 +124,8 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
     build = build_dpo_trainer if kind == "dpo" else build_sft_trainer
     init_fsdp_state(backend, "bf16" if args.bf16 else "fp16" if args.fp16 else "no")
     trainer = build(stage, args, model, tokenizer, train.dataset, evaluation.dataset if evaluation else None,
-                    peft_config, callbacks)
+                    peft_config, callbacks, **({"log": log if state.is_main_process else _quiet} if kind == "dpo"
+                                               else {}))
     trainer.guard = guard
     if peft_config is not None:
         # trl stores QLoRA adapters in bf16 and peft LoRA adapters in fp32 whatever the precision; keep them in
@@ -183,6 +184,8 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
         "train_loss": result.training_loss,
         # Pad tokens in this run's training micro-batches, all ranks (train.group_by_length lowers it).
         "pad_token_pct": trainer.pad_token_pct(),
+        # DPO with train.ref_logps_cache: pairs found in the cache, computed before the first step, and that pass's time
+        "ref_logps": trainer.ref_cache.stats if getattr(trainer, "ref_cache", None) else None,
         "train_runtime_s": round(time.time() - started, 2),
         "final": _last_train_log(trainer.state.log_history),
         "data": {"rows": train.report["rows"], "skipped": len(train.report["skipped"]),

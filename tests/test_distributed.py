@@ -289,3 +289,30 @@ def test_kill_and_resume_matches_uninterrupted(profile, tiny_base, data, tmp_pat
     for key in ("loss", "grad_norm"):
         assert rel_diff(losses(whole / "sft", key), losses(broken / "sft", key)) <= 1e-6, key
     assert weights_diff(whole / "sft" / "adapter", broken / "sft" / "adapter") <= 1e-6
+
+
+# ---- the reference log-prob cache, filled by sharded ranks -------------------------------------------------------
+
+@pytest.mark.parametrize("profile", ["cpu-fsdp-2", "cpu-zero3-2"])
+def test_ref_logps_cache_filled_under_sharding_matches_the_inline_reference(profile, tiny_base, data, tmp_path):
+    """The pass runs on the model as FSDP2 / ZeRO-3 prepared it (each rank a share of the pairs, forwards in step);
+    the run then trains as with the reference forward in every step, and a second run reads every pair back."""
+    port = "29621" if profile == "cpu-fsdp-2" else "29622"
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_base, data, stages=("dpo",))
+    launch = [BIN / "dpo-dist", "launch", recipe, "--profile", profile, "--master-port", port]
+    cache = {"DPO_DIST_CACHE": str(tmp_path / "cache")}
+    run([*launch, f"output_dir={tmp_path / 'inline'}", "train.ref_logps_cache=false"], env=cache)
+    run([*launch, f"output_dir={tmp_path / 'first'}"], env=cache)
+    run([*launch, f"output_dir={tmp_path / 'again'}"], env=cache)
+    assert summary(tmp_path / "inline" / "dpo")["ref_logps"] is None
+    first, again = (summary(tmp_path / name / "dpo")["ref_logps"] for name in ("first", "again"))
+    assert (first["pairs"], first["cached"], first["computed"]) == (96, 0, 96)
+    assert first["batches"] == 12  # 96 pairs in batches of 4 × micro-batch 2, dealt to 2 ranks
+    assert (again["cached"], again["computed"], again["batches"]) == (96, 0, 0)
+    files = list((tmp_path / "cache" / "ref-logps").glob("*.json"))
+    assert len(files) == 1 and len(json.loads(files[0].read_text())["pairs"]) == 96
+    for name in ("first", "again"):
+        for key in ("loss", "grad_norm", "rewards/chosen", "rewards/margins"):
+            assert rel_diff(losses(tmp_path / "inline" / "dpo", key), losses(tmp_path / name / "dpo", key)) <= 1e-5, \
+                (name, key)
+    assert losses(tmp_path / "first" / "dpo")[0] == pytest.approx(LN2, abs=1e-6)  # cached reference = adapter off

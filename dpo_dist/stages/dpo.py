@@ -15,6 +15,8 @@ from dpo_dist.profiles import Profile
 from dpo_dist.recipe import StageConfig
 from dpo_dist.reliability import GuardedTrainer
 from dpo_dist.stages.common import training_kwargs
+from dpo_dist.stages.logps import install_compact_head
+from dpo_dist.stages.ref_cache import RefLogpsCache, cache_dir, model_key
 
 
 class PretokenizedDPOTrainer(LengthGroupedTrainer, GuardedTrainer, DPOTrainer):
@@ -22,6 +24,7 @@ class PretokenizedDPOTrainer(LengthGroupedTrainer, GuardedTrainer, DPOTrainer):
 
     def __init__(self, *args, simpo_gamma: float = 0.5, **kwargs):
         self.simpo_gamma = simpo_gamma
+        self.ref_cache: RefLogpsCache | None = None  # set by build_dpo_trainer (train.ref_logps_cache)
         super().__init__(*args, **kwargs)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -32,9 +35,17 @@ class PretokenizedDPOTrainer(LengthGroupedTrainer, GuardedTrainer, DPOTrainer):
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def _compute_loss(self, model, inputs, return_outputs):
-        if self.loss_types != ["simpo"]:
+        if self.loss_types == ["simpo"]:
+            return self._simpo_loss(model, inputs)
+        if self.ref_cache is None or not self.model.training:
             return super()._compute_loss(model, inputs, return_outputs)
-        return self._simpo_loss(model, inputs)
+        chosen, rejected = self.ref_cache.lookup(self, inputs)
+        inputs = {**inputs, "ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
+        self.precompute_ref_logps = True  # TRL's loss then reads the reference values from the batch
+        try:
+            return super()._compute_loss(model, inputs, return_outputs)
+        finally:
+            self.precompute_ref_logps = False
 
     def _simpo_loss(self, model, inputs):
         """Reference-free: -log σ(β·(mean logp chosen − mean logp rejected) − γ). No reference pass is run."""
@@ -78,7 +89,7 @@ def dpo_args(stage: StageConfig, profile: Profile, run_dir: Path, seed: int, wor
 
 
 def build_dpo_trainer(stage: StageConfig, args: DPOConfig, model, tokenizer, train_ds, eval_ds, peft_config,
-                      callbacks, ref_model=None):
+                      callbacks, ref_model=None, log=print):
     trainer = PretokenizedDPOTrainer(
         model=model,
         ref_model=ref_model,
@@ -93,4 +104,20 @@ def build_dpo_trainer(stage: StageConfig, args: DPOConfig, model, tokenizer, tra
     )
     if trainer.ref_model is not None:  # full-parameter DPO: trl runs it under no_grad but leaves it trainable
         trainer.ref_model.requires_grad_(False)
+    policy = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    if stage.train.compact_logps:
+        # The fields TRL's DPOTrainer asks its own head for: log-probs, plus what its metrics (and WPO) read.
+        outputs = ("log_probs", "entropy", "mean_logits", "is_top1") + (
+            ("log_sum_sq_probs",) if trainer.use_weighting else ())
+        install_compact_head(policy, outputs, stage.train.logps_vocab_chunk)
+        if trainer.ref_model is not None:
+            install_compact_head(trainer.ref_model, ("log_probs",), stage.train.logps_vocab_chunk)
+    if stage.train.ref_logps_cache and stage.loss_type != "simpo":
+        reference = trainer.ref_model if trainer.ref_model is not None else policy
+        precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+        head = ["compact", stage.train.logps_vocab_chunk] if stage.train.compact_logps else ["trl"]
+        key = model_key(reference, precision, {"ld_alpha": trainer.ld_alpha, "head": head})
+        trainer.ref_cache = RefLogpsCache(cache_dir() / f"{key}.json",
+                                          stage.train.ref_logps_batch_size or 4 * args.per_device_train_batch_size,
+                                          log=log)
     return trainer

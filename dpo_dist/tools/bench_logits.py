@@ -6,15 +6,15 @@ The workload is what a DPO step asks of the LM head: hidden states for chosen + 
 sequence tokens), a frozen head weight [V, H] (LoRA leaves it frozen), labels with the prompt part masked (-100),
 then the summed completion log-probs and their backward to the hidden states.
 
-Paths:
-- `trl`: TRL 1.16's DPOTrainer. `_compute_loss` calls `model(..., labels=labels, fused_lm_head=True)`; the forward
+Paths (each computes the fields DPOTrainer's policy head computes: log-probs, entropy, mean logit, top-1):
+- `trl`: TRL 1.16's DPOTrainer head. `_compute_loss` calls `model(..., labels=labels, fused_lm_head=True)`; the forward
   that `trl.trainer.utils.add_fused_lm_head` installs projects through the head with
   `trl.kernels.ChunkedLogProbFunction` in [4096 tokens × 32768 vocab] tiles with an online logsumexp, and recomputes
   the tiles in the backward. Off CUDA/XPU it scores every position (labels clamped to 0, then masked), which is what
   is run here, with the same arguments.
-- `dpo_dist`: what dpo-dist's DPO stage runs. dpo_dist.stages.dpo.PretokenizedDPOTrainer leaves `_compute_loss` to
-  TRL for every loss but SimPO (whose forward uses the same fused head), so today this is the same code as `trl`.
-  When dpo-dist gets a logits path of its own, this entry must call it.
+- `dpo_dist`: what dpo-dist's DPO stage runs by default (`train.compact_logps`):
+  `dpo_dist.stages.logps.completion_logps`, the same kernel on the completion positions only, on every device, in
+  vocabulary tiles of `train.logps_vocab_chunk` (8,192).
 - `materialized`: the textbook path (full [N, V] fp32 logits, log_softmax, gather), what TRL did before the fused
   head and what the issue's -60% figures are quoted against. Reported for context only.
 
@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 TRL_CHUNK_SIZE = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE, the vocabulary width of a tile
+POLICY_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")  # what DPOTrainer asks of the policy's head
 
 
 def _trl_logps(hidden, weight, labels):
@@ -49,8 +50,14 @@ def _trl_logps(hidden, weight, labels):
     mask = labels != -100
     per_token = ChunkedLogProbFunction.apply(
         hidden.reshape(-1, hidden.size(-1)), weight, None, labels.clamp(min=0).reshape(-1), 1.0, chunk, None, 1.0,
-        ("log_probs",))
+        POLICY_OUTPUTS)
     return per_token[0].view(mask.shape).masked_fill(~mask, 0)
+
+
+def _dpo_dist_logps(hidden, weight, labels):
+    from dpo_dist.stages.logps import DEFAULT_VOCAB_CHUNK, completion_logps
+
+    return completion_logps(hidden[:, :-1], weight, None, labels[:, 1:], DEFAULT_VOCAB_CHUNK, POLICY_OUTPUTS)[0]
 
 
 def _materialized_logps(hidden, weight, labels):
@@ -63,12 +70,12 @@ def _materialized_logps(hidden, weight, labels):
 
 PATHS = {
     "trl": _trl_logps,
-    "dpo_dist": _trl_logps,  # dpo-dist's DPO stage runs TRL's fused head unchanged (see the module docstring)
+    "dpo_dist": _dpo_dist_logps,
     "materialized": _materialized_logps,
 }
 IMPLEMENTATION = {
     "trl": "trl.kernels.ChunkedLogProbFunction via add_fused_lm_head (TRL 1.16 DPOTrainer)",
-    "dpo_dist": "same as trl: dpo_dist.stages.dpo uses DPOTrainer._compute_loss unchanged",
+    "dpo_dist": "dpo_dist.stages.logps.completion_logps: the same kernel on completion tokens only, 8192-wide tiles",
     "materialized": "full [N, V] logits + log_softmax + gather",
 }
 

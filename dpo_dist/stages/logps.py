@@ -1,0 +1,107 @@
+"""The LM head → per-token log-probs path of the DPO stage (`train.compact_logps`, on by default).
+
+TRL's DPOTrainer installs a fused head (`trl.trainer.utils.add_fused_lm_head`): `model(..., labels=labels,
+fused_lm_head=True)` runs the backbone and folds `hidden @ head.T` into per-token log-probs tile by tile with
+`trl.kernels.ChunkedLogProbFunction`, never holding the `[tokens, vocab]` logits. Its kernel is kept here; two of
+its call's choices are changed:
+
+- **Only completion tokens are scored, on every device.** TRL scores the valid positions only where Triton runs
+  (CUDA/XPU); elsewhere it projects every position (prompt and padding included, about half of a DPO batch) and
+  masks afterwards, so that compiled backends see fixed shapes. Here the positions whose label is not -100 are
+  gathered first, everywhere (for a torch.compile'd model, see `train.torch_compile`, the shapes then vary per
+  batch; dynamic shapes handle that).
+- **Narrower vocabulary tiles** (`train.logps_vocab_chunk`, default 8,192 columns; TRL's is 32,768). A tile is
+  `tokens × width` in the compute dtype, and the kernel's backward keeps a few tile-sized temporaries, so the width
+  sets the path's peak memory; the GEMMs stay large enough to run at full speed.
+
+The result is the same tensors TRL's head returns (`FusedCausalLMOutput`: zero at unscored positions), so the rest
+of DPOTrainer, and SimPO, run unchanged. Calls this path does not cover (pre-shifted `shift_labels` under sequence
+parallelism, MoE router logits) go to TRL's forward untouched.
+"""
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+
+DEFAULT_VOCAB_CHUNK = 8192
+
+
+def _backbone_and_head(model):
+    import transformers
+    from packaging.version import Version
+
+    text_config = model.config.get_text_config()
+    backbone_attr = "base_model"
+    if text_config is not model.config and Version(transformers.__version__) < Version("5.0.0"):
+        backbone_attr = "model"
+    return text_config, backbone_attr
+
+
+def _logit_scale(text_config) -> float:
+    """The factor the head's logits are multiplied by (the same config fields TRL's fused head reads)."""
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        value = getattr(text_config, name, None)
+        if value is not None:
+            return value
+    scaling = getattr(text_config, "logits_scaling", None)
+    if scaling is not None:
+        return scaling if text_config.model_type == "hyperclovax" else 1 / scaling
+    return 1.0
+
+
+def completion_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                     vocab_chunk: int = DEFAULT_VOCAB_CHUNK, outputs: tuple[str, ...] = ("log_probs",),
+                     softcap: float | None = None, logit_scale: float = 1.0, temperature: float = 1.0):
+    """Per-token log-probs of `labels` under `hidden @ weight.T`, for already shifted `hidden` [B, T, H] and `labels`
+    [B, T]. Positions labelled -100 are not projected at all; they come back as 0.
+
+    Returns (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1, mask), each [B, T] (None where not in
+    `outputs`), like TRL's fused head.
+    """
+    from trl.kernels import ChunkedLogProbFunction
+
+    mask = labels != -100
+    per_token = ChunkedLogProbFunction.apply(
+        hidden[mask], weight, bias, labels[mask], temperature, vocab_chunk, softcap, logit_scale, outputs)
+    # masked_scatter keeps an all-masked micro-batch connected to the graph (a differentiable zero).
+    scattered = tuple(None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in per_token)
+    return (*scattered, mask)
+
+
+def install_compact_head(model, outputs: tuple[str, ...], vocab_chunk: int = DEFAULT_VOCAB_CHUNK) -> None:
+    """Replace the fused forward TRL installed on `model` (the HF model under any PEFT wrapper) with the compact one,
+    computing the per-token fields in `outputs` (those the trainer asked TRL's head for)."""
+    from torch.distributed.tensor import DTensor
+    from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
+
+    trl_forward = model.forward
+    text_config, backbone_attr = _backbone_and_head(model)
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    scale = _logit_scale(text_config)
+
+    @functools.wraps(type(model).forward)
+    def _compact_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
+                         **kwargs):
+        router = kwargs.get("output_router_logits") or getattr(text_config, "output_router_logits", False)
+        if not fused_lm_head or shift_labels is not None or router:
+            return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
+                               num_items_in_batch=num_items_in_batch, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = getattr(self, backbone_attr)(*args, **kwargs).last_hidden_state[:, :-1]
+        labels = labels[:, 1:]
+        head = self.get_output_embeddings()
+        hidden, labels = hidden.to(head.weight.device), labels.to(head.weight.device)
+        weight, bias = head.weight, head.bias
+        if isinstance(weight, DTensor):  # FSDP2 shards the head: gather it once for every tile
+            weight = weight.full_tensor()
+            bias = bias.full_tensor() if bias is not None else None
+        with maybe_gather_lm_head_ctx(weight, bias):  # ZeRO-3: gather the partitioned head
+            log_probs, entropy, log_sum_sq, mean_logits, is_top1, mask = completion_logps(
+                hidden, weight, bias, labels, vocab_chunk, outputs, softcap, scale)
+        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq,
+                                   mean_logits=mean_logits, is_top1=is_top1, label_mask=mask, aux_loss=None)
+
+    model.forward = types.MethodType(_compact_forward, model)

@@ -1,0 +1,146 @@
+"""The DPO stage's compact logits → log-probs path (dpo_dist.stages.logps) against the textbook computation and
+against TRL's own fused head, which it replaces."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from dpo_dist.data.render import Renderer
+from dpo_dist.data.tokenize import prepare_dataset
+from dpo_dist.models import load_model, lora_config
+from dpo_dist.profiles import Profile
+from dpo_dist.recipe import ConfigError, DataConfig, MethodConfig, ModelConfig, StageConfig, TrainConfig
+from dpo_dist.stages import logps as logps_mod
+from dpo_dist.stages.dpo import build_dpo_trainer, dpo_args
+from tests.conftest import write_jsonl
+
+ALL = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+def _inputs(seed=0, rows=3, seq=9, hidden=16, vocab=50):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(rows, seq, hidden, generator=gen, dtype=torch.float64).float().requires_grad_(True)
+    w = (torch.randn(vocab, hidden, generator=gen) * 0.5).requires_grad_(True)
+    b = torch.randn(vocab, generator=gen) * 0.1
+    labels = torch.randint(0, vocab, (rows, seq), generator=gen)
+    labels[:, :3] = -100  # the prompt
+    labels[1, 6:] = -100  # padding
+    labels[2, :] = -100  # a row with nothing to score
+    return h, w, b, labels
+
+
+@pytest.mark.parametrize("chunk", [7, 50, 8192])  # ragged tiles, one exact tile, one wider than the vocabulary
+def test_completion_logps_equal_the_materialized_logits(chunk):
+    h, w, b, labels = _inputs()
+    got = logps_mod.completion_logps(h, w, b, labels, vocab_chunk=chunk, outputs=ALL)
+    log_probs, entropy, log_sum_sq, mean_logits, is_top1, mask = got
+    (log_probs.sum() + 0.3 * entropy.sum()).backward()
+    grad_h, grad_w = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+
+    logits = h @ w.t() + b
+    logp_all = logits.log_softmax(-1)
+    target = logp_all.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    want_mask = labels != -100
+    want_logp = target.masked_fill(~want_mask, 0)
+    want_entropy = -(logp_all.exp() * logp_all).sum(-1).masked_fill(~want_mask, 0)
+    (want_logp.sum() + 0.3 * want_entropy.sum()).backward()
+
+    assert torch.equal(mask, want_mask)
+    torch.testing.assert_close(log_probs, want_logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, want_entropy, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mean_logits, logits.mean(-1).masked_fill(~want_mask, 0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(log_sum_sq, (2 * logp_all).logsumexp(-1).masked_fill(~want_mask, 0),
+                               atol=1e-5, rtol=1e-5)
+    top1 = (logits.argmax(-1) == labels) & want_mask
+    assert torch.equal(is_top1, top1)
+    torch.testing.assert_close(grad_h, h.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_w, w.grad, atol=1e-5, rtol=1e-5)
+    assert log_probs[2].abs().sum() == 0 and grad_h[2].abs().sum() == 0  # the empty row: zeros, no gradient
+
+
+def test_only_completion_positions_reach_the_kernel(monkeypatch):
+    h, w, b, labels = _inputs()
+    seen = []
+    from trl.kernels import ChunkedLogProbFunction as original
+
+    class Spy:
+        @staticmethod
+        def apply(hidden, *args):
+            seen.append(hidden.shape[0])
+            return original.apply(hidden, *args)
+
+    monkeypatch.setattr("trl.kernels.ChunkedLogProbFunction", Spy)
+    logps_mod.completion_logps(h, w, b, labels)
+    assert seen == [int((labels != -100).sum())] and seen[0] < labels.numel() // 2
+
+
+# ---- in the DPO trainer ----------------------------------------------------------------------------------------------
+
+
+def _trainer(tiny_base, tmp_path, compact: bool, method: str = "lora", chunk: int = 100, ref_cache: bool = False):
+    src = write_jsonl(tmp_path / "dpo.jsonl", [
+        {"prompt": f"Describe the owl {i}." + " And the fox." * (i % 3), "chosen": "It is calm." * (1 + i % 2),
+         "rejected": "It is rude."} for i in range(8)])
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    ds = prepare_dataset("dpo", str(src), tok, Renderer(tok, "qwen"), max_length=64, log=lambda *_: None).dataset
+    stage = StageConfig(stage="dpo", data=DataConfig(train=str(src)), max_length=64, sft_weight=0.5,
+                        train=TrainConfig(learning_rate=1e-2, global_batch_size=4, max_steps=2, logging_steps=1,
+                                          save_steps=100, lr_scheduler="constant", compact_logps=compact,
+                                          logps_vocab_chunk=chunk, ref_logps_cache=ref_cache))
+    stage.check("stages[0]")
+    torch.manual_seed(0)
+    model = load_model(ModelConfig(name_or_path=str(tiny_base)), method, "fp32", "sdpa")
+    peft = lora_config(MethodConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0)) if method != "full" else None
+    profile = Profile(name="t", micro_batch_size=4, precision="fp32", attn_implementation="sdpa")
+    args = dpo_args(stage, profile, tmp_path / f"run-{compact}", 0, 1)
+    return build_dpo_trainer(stage, args, model, tok, ds, None, peft, [])
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_compact_head_gives_trls_loss_metrics_and_gradients(tiny_base, tmp_path, method, monkeypatch):
+    from trl.kernels import ChunkedLogProbFunction as kernel
+
+    scored = []  # token counts our path sends to the kernel (TRL's own head holds its own reference to it)
+
+    class Spy:
+        @staticmethod
+        def apply(hidden, *args):
+            scored.append(hidden.shape[0])
+            return kernel.apply(hidden, *args)
+
+    monkeypatch.setattr("trl.kernels.ChunkedLogProbFunction", Spy)
+    results = {}
+    for compact in (True, False):
+        scored.clear()
+        trainer = _trainer(tiny_base, tmp_path, compact, method)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        with torch.no_grad():  # move the policy off the reference so the rewards are not all zero
+            for name, p in trainer.model.named_parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.02)
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if v}
+        results[compact] = (loss.item(), grads, metrics)
+        completion = int(batch["completion_mask"][:, 1:].sum())
+        # policy, then reference (adapter disabled or the frozen copy): completion tokens only, or not ours at all
+        assert scored == ([completion, completion] if compact else []), scored
+    (loss_c, grads_c, metrics_c), (loss_t, grads_t, metrics_t) = results[True], results[False]
+    assert abs(loss_c - loss_t) < 1e-5
+    assert grads_c.keys() == grads_t.keys() and grads_c
+    for name in grads_c:
+        torch.testing.assert_close(grads_c[name], grads_t[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert metrics_c.keys() == metrics_t.keys()
+    for key in metrics_c:  # rewards, log-probs, entropy, mean logits, token accuracy
+        assert metrics_c[key] == pytest.approx(metrics_t[key], abs=1e-5), key
+    assert metrics_c["rewards/margins"] != 0.0
+
+
+def test_recipe_key_is_checked():
+    with pytest.raises(ConfigError, match=r"logps_vocab_chunk: must be positive, got 0"):
+        TrainConfig(logps_vocab_chunk=0).check("stages[0].train")
