@@ -104,6 +104,11 @@ class TrainConfig:
     # tokens and the reference model (dpo_dist.stages.ref_cache); false runs the reference forward in every step.
     ref_logps_cache: bool = True
     ref_logps_batch_size: int | None = None  # pairs per forward of that pass; null = 4 × the profile's micro-batch
+    # Compile the model with torch.compile (TrainingArguments.torch_compile). Off by default: the first steps pay
+    # the compilation, and batches of varying length recompile until dynamic shapes take over.
+    torch_compile: bool = False
+    torch_compile_backend: str = "inductor"
+    torch_compile_mode: str | None = None  # e.g. "reduce-overhead", "max-autotune"; null = the backend's default
 
     def check(self, where: str) -> None:
         if self.learning_rate <= 0:
@@ -121,6 +126,12 @@ class TrainConfig:
         for name in ("logging_steps", "save_steps", "max_nonfinite_skips", "group_window", "logps_vocab_chunk"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{where}.{name}: must be positive, got {getattr(self, name)}")
+        if self.torch_compile:
+            import torch
+
+            if self.torch_compile_backend not in torch.compiler.list_backends(exclude_tags=()):
+                raise ConfigError(f"{where}.torch_compile_backend: {self.torch_compile_backend!r} is not a "
+                                  f"torch.compile backend ({', '.join(torch.compiler.list_backends())})")
         if self.ref_logps_batch_size is not None and self.ref_logps_batch_size <= 0:
             raise ConfigError(f"{where}.ref_logps_batch_size: must be positive, or null for 4 × the micro-batch; "
                               f"got {self.ref_logps_batch_size}")

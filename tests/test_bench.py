@@ -48,13 +48,16 @@ def test_report_is_complete_and_ratios_are_b_over_a(realistic):
     assert report["command"].startswith("dpo-dist bench --workload dpo --lengths realistic")
     for side in ("A", "B"):
         med = report["medians"][side]
-        assert set(med) == SIDE_KEYS | {"method"}
+        assert set(med) == SIDE_KEYS | {"method", "ref_prepass_s"}
         for key in ("real_tokens_per_s", "step_time_s", "peak_mem_mib"):
             assert _positive(med[key]), (side, key, med[key])
         assert 0 <= med["padding_fraction"] < 1
         (run,) = report["runs"][side]
         assert RUN_KEYS <= set(run)
         assert run["steps"] == run["timed_steps"] == 2 and _positive(run["warmup_s"])
+        # B computes the reference log-probs of its pairs before step 1, into its own empty cache, and pays for it
+        assert (run["ref_prepass_s"] > 0) == (side == "B")
+        assert run["timed_s"] == pytest.approx(run["ref_prepass_s"] + sum(run["step_times_s"]), abs=0.01)
     for key in SIDE_KEYS:
         a, b = report["medians"]["A"][key], report["medians"]["B"][key]
         if a:

@@ -62,6 +62,9 @@ def training_kwargs(stage: StageConfig, profile: Profile, run_dir: Path, seed: i
         report_to=report_to,
         dataloader_num_workers=0,
         disable_tqdm=False,
+        torch_compile=t.torch_compile,
+        **({"torch_compile_backend": t.torch_compile_backend, "torch_compile_mode": t.torch_compile_mode}
+           if t.torch_compile else {}),
     )
 
 

@@ -108,11 +108,12 @@ def medians(runs: list[dict]) -> dict:
     another process on the machine is dropped unless it hits the same step in most repeats. Falls back to the median
     of the per-run figures when the repeats' batches differ."""
     out = {key: statistics.median(r[key] for r in runs) for key in MEDIAN_KEYS}
+    out["ref_prepass_s"] = statistics.median(r.get("ref_prepass_s", 0.0) for r in runs)
     out["method"] = "median of per-run figures"
     per_step = [r["step_real_tokens"] for r in runs]
     if all(tokens == per_step[0] for tokens in per_step):
         times = [statistics.median(ts) for ts in zip(*(r["step_times_s"] for r in runs))]
-        epoch = sum(times)
+        epoch = sum(times) + statistics.median(r.get("ref_prepass_s", 0.0) for r in runs)
         out["step_time_s"] = epoch / len(times)
         out["real_tokens_per_s"] = sum(per_step[0]) / epoch
         out["method"] = "per-step median over repeats (same batches each repeat)"
@@ -235,7 +236,7 @@ def bench(args) -> dict:
         "workload": args.workload, "model_dir": str(model_dir), "micro_batch": args.micro_batch,
         "grad_accum": args.grad_accum, "max_length": size.max_length, "seed": args.seed, "learning_rate": 5e-5,
         "logging_steps": 10, "lora_r": 16, "lora_alpha": 32, "template": bench_data.TEMPLATE, "profile": args.profile,
-        "device": "cpu" if profile.device == "cpu" else "gpu", "cache_dir": str(work / "cache"),
+        "device": "cpu" if profile.device == "cpu" else "gpu", "cache_dir": None,
         "precision": profile.precision or "fp32", "gradient_checkpointing": bool(profile.gradient_checkpointing),
         "data": {"a": str(files[f"{args.workload}_a"]), "b": str(files[f"{args.workload}_b"])},
     }
@@ -247,7 +248,8 @@ def bench(args) -> dict:
             t0 = time.time()
             progress(f"run {len(runs['A']) + len(runs['B']) + 1}/{total}: side {side} ({SIDES[side]}), "
                      f"repeat {r + 1}")
-            result = side_run({**base, "side": side, "run_dir": str(work / tag), "check_rows": r == 0}, work, tag)
+            result = side_run({**base, "side": side, "run_dir": str(work / tag), "check_rows": r == 0,
+                               "cache_dir": str(work / tag / "cache")}, work, tag)  # nothing carried between runs
             runs[side].append(result)
             progress(f"  {tag}: {result['real_tokens_per_s']:.0f} real tok/s, {result['step_time_s']:.3f} s/step, "
                      f"padding {result['padding_fraction']:.1%}, peak {result['peak_mem_mib']:.0f} MiB "
@@ -326,6 +328,9 @@ def format_table(report: dict) -> str:
         lines.append(f"{'  materialized logits (MiB)':<28}{_fmt(lg['materialized']['peak_mib']):>12}"
                      f"{'':>14}{'':>8}   (context: B/materialized "
                      f"{_fmt(report['ratio_logits_peak_mem_vs_materialized'])})")
+    if med["B"].get("ref_prepass_s"):
+        lines.append(f"B's reference pass before step 1: {med['B']['ref_prepass_s']:.2f} s (counted in B's time; "
+                     "A runs its reference forward inside each step)")
     work = report["same_work"]
     lines.append(f"same work: pairs A {work['pairs_a']} / B {work['pairs_b']}, real tokens A {work['real_tokens_a']} / "
                  f"B {work['real_tokens_b']} → {'equal' if work['equal'] else 'NOT EQUAL'}")

@@ -14,6 +14,10 @@ micro-batch, the dataset's first rows (the same rows on both sides), through the
 training_step, then discards its gradients. First-call costs (allocator growth, thread pools, lazy initialisation)
 land there, and every optimizer step of the epoch is timed. Excluding the epoch's first step instead would not be
 fair: dpo-dist's length-grouped order deliberately puts its longest batch first, the baseline's first batch is random.
+
+Side B's reference pass (train.ref_logps_cache: the reference log-probs of every pair, computed before the first
+step) runs inside that warm-up call. Its time is added to the timed window (`ref_prepass_s`), and every side-run gets
+its own empty cache directory, so B pays for the pass in full every time and never reads another run's results.
 """
 from __future__ import annotations
 
@@ -100,7 +104,9 @@ class Probe:
         steps = sorted(self.step_end)
         if not steps or self.train_begin is None:
             raise RuntimeError("no optimizer step was timed")
-        elapsed = self.step_end[steps[-1]] - self.train_begin
+        cache = getattr(self.trainer, "ref_cache", None)
+        prepass = cache.seconds if cache is not None else 0.0
+        elapsed = self.step_end[steps[-1]] - self.train_begin + prepass
         real = sum(b["real"] for b in self.batches)
         total = sum(b["total"] for b in self.batches)
         return {
@@ -108,6 +114,7 @@ class Probe:
             "timed_steps": len(steps),
             "timed_s": elapsed,
             "warmup_s": self.warmup_s,
+            "ref_prepass_s": prepass,  # included in timed_s
             "step_time_s": elapsed / len(steps),
             "real_tokens_per_s": real / elapsed,
             "padding_fraction": 1 - real / total,
