@@ -100,6 +100,9 @@ class TrainConfig:
     # (dpo_dist.stages.logps); false leaves TRL's fused head as it is.
     compact_logps: bool = True
     logps_vocab_chunk: int = 8192
+    # DPO: run the backbone on the real tokens packed into one row (needs compact_logps). auto = only with flash
+    # attention's varlen kernels; true also under SDPA/eager (a dense block-diagonal mask: correct, rarely faster).
+    padding_free: bool | Literal["auto"] = "auto"
     # DPO: reference log-probs computed once per pair before the first step and cached on disk, keyed by the rows'
     # tokens and the reference model (dpo_dist.stages.ref_cache); false runs the reference forward in every step.
     ref_logps_cache: bool = True
@@ -126,6 +129,11 @@ class TrainConfig:
         for name in ("logging_steps", "save_steps", "max_nonfinite_skips", "group_window", "logps_vocab_chunk"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{where}.{name}: must be positive, got {getattr(self, name)}")
+        if self.padding_free not in (True, False, "auto"):
+            raise ConfigError(f"{where}.padding_free: must be true, false or auto, got {self.padding_free!r}")
+        if self.padding_free is True and not self.compact_logps:
+            raise ConfigError(f"{where}.padding_free: true needs compact_logps: true (the packed rows are scored by "
+                              "dpo-dist's log-prob path)")
         if self.torch_compile:
             import torch
 

@@ -79,21 +79,23 @@ def test_only_completion_positions_reach_the_kernel(monkeypatch):
 # ---- in the DPO trainer ----------------------------------------------------------------------------------------------
 
 
-def _trainer(tiny_base, tmp_path, compact: bool, method: str = "lora", chunk: int = 100, ref_cache: bool = False):
+def _trainer(tiny_base, tmp_path, compact: bool, method: str = "lora", chunk: int = 100, ref_cache: bool = False,
+             padding_free=False, attn: str = "sdpa"):
     src = write_jsonl(tmp_path / "dpo.jsonl", [
-        {"prompt": f"Describe the owl {i}." + " And the fox." * (i % 3), "chosen": "It is calm." * (1 + i % 2),
+        {"prompt": "Describe the owl." + " And the fox." * (3 * (i % 4)) + f" Owl {i}?", "chosen": "It is calm." * (1 + i % 2),
          "rejected": "It is rude."} for i in range(8)])
     tok = AutoTokenizer.from_pretrained(tiny_base)
-    ds = prepare_dataset("dpo", str(src), tok, Renderer(tok, "qwen"), max_length=64, log=lambda *_: None).dataset
-    stage = StageConfig(stage="dpo", data=DataConfig(train=str(src)), max_length=64, sft_weight=0.5,
+    ds = prepare_dataset("dpo", str(src), tok, Renderer(tok, "qwen"), max_length=128, log=lambda *_: None).dataset
+    stage = StageConfig(stage="dpo", data=DataConfig(train=str(src)), max_length=128, sft_weight=0.5,
                         train=TrainConfig(learning_rate=1e-2, global_batch_size=4, max_steps=2, logging_steps=1,
                                           save_steps=100, lr_scheduler="constant", compact_logps=compact,
-                                          logps_vocab_chunk=chunk, ref_logps_cache=ref_cache))
+                                          logps_vocab_chunk=chunk, ref_logps_cache=ref_cache,
+                                          padding_free=padding_free))
     stage.check("stages[0]")
     torch.manual_seed(0)
-    model = load_model(ModelConfig(name_or_path=str(tiny_base)), method, "fp32", "sdpa")
+    model = load_model(ModelConfig(name_or_path=str(tiny_base)), method, "fp32", attn)
     peft = lora_config(MethodConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0)) if method != "full" else None
-    profile = Profile(name="t", micro_batch_size=4, precision="fp32", attn_implementation="sdpa")
+    profile = Profile(name="t", micro_batch_size=4, precision="fp32", attn_implementation=attn)
     args = dpo_args(stage, profile, tmp_path / f"run-{compact}", 0, 1)
     return build_dpo_trainer(stage, args, model, tok, ds, None, peft, [])
 
@@ -141,6 +143,61 @@ def test_compact_head_gives_trls_loss_metrics_and_gradients(tiny_base, tmp_path,
     assert metrics_c["rewards/margins"] != 0.0
 
 
-def test_recipe_key_is_checked():
+def _loss_grads_metrics(trainer):
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    with torch.no_grad():  # move the policy off the reference so the rewards are not all zero
+        for name, p in trainer.model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.02)
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.item(), grads, {k: v[-1] for k, v in trainer._metrics["train"].items() if v}, batch
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_padding_free_rows_give_the_padded_loss_metrics_and_gradients(tiny_base, tmp_path, attn):
+    results = {}
+    for packed in (True, False):
+        trainer = _trainer(tiny_base, tmp_path, True, padding_free=packed, attn=attn)
+        backbone = trainer.model.get_base_model().model
+        shapes = []
+        hook = backbone.register_forward_pre_hook(lambda _m, _a, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                                  with_kwargs=True)
+        results[packed] = (*_loss_grads_metrics(trainer), shapes)
+        hook.remove()
+    (loss_p, grads_p, metrics_p, batch, shapes_p), (loss_d, grads_d, metrics_d, _, shapes_d) = (
+        results[True], results[False])
+    real, padded = int(batch["attention_mask"].sum()), tuple(batch["input_ids"].shape)
+    assert real < 0.9 * padded[0] * padded[1]  # the batch really has padding to remove
+    assert shapes_p == [(1, real)] * 2 and shapes_d == [padded] * 2  # policy and reference: one packed row
+    assert abs(loss_p - loss_d) < 1e-5
+    for name in grads_d:
+        torch.testing.assert_close(grads_p[name], grads_d[name], atol=1e-5, rtol=1e-4, msg=name)
+    for key in metrics_d:
+        assert metrics_p[key] == pytest.approx(metrics_d[key], abs=1e-5), key
+
+
+def test_pack_keeps_real_tokens_with_restarting_positions():
+    ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    packed, positions, index = logps_mod.pack(ids, mask)
+    assert packed.tolist() == [[5, 6, 7, 8, 9]] and positions.tolist() == [[0, 1, 2, 0, 1]]
+    assert index.tolist() == [[0, 1, 2, -1], [3, 4, -1, -1]]
+
+
+def test_padding_free_auto_only_with_varlen_attention():
+    assert logps_mod.padding_free_for("auto", "flash_attention_2") is True
+    assert logps_mod.padding_free_for("auto", "sdpa") is False and logps_mod.padding_free_for("auto", "eager") is False
+    assert logps_mod.padding_free_for(True, "sdpa") is True and logps_mod.padding_free_for(False, "flash_attention_2") is False
+
+
+def test_recipe_keys_are_checked():
     with pytest.raises(ConfigError, match=r"logps_vocab_chunk: must be positive, got 0"):
         TrainConfig(logps_vocab_chunk=0).check("stages[0].train")
+    with pytest.raises(ConfigError, match=r"padding_free: true needs compact_logps: true"):
+        TrainConfig(padding_free=True, compact_logps=False).check("stages[0].train")
+    with pytest.raises(ConfigError, match=r"padding_free: must be true, false or auto"):
+        TrainConfig(padding_free="always").check("stages[0].train")

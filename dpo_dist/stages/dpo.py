@@ -15,7 +15,7 @@ from dpo_dist.profiles import Profile
 from dpo_dist.recipe import StageConfig
 from dpo_dist.reliability import GuardedTrainer
 from dpo_dist.stages.common import training_kwargs
-from dpo_dist.stages.logps import install_compact_head
+from dpo_dist.stages.logps import install_compact_head, padding_free_for
 from dpo_dist.stages.ref_cache import RefLogpsCache, cache_dir, model_key
 
 
@@ -109,9 +109,10 @@ def build_dpo_trainer(stage: StageConfig, args: DPOConfig, model, tokenizer, tra
         # The fields TRL's DPOTrainer asks its own head for: log-probs, plus what its metrics (and WPO) read.
         outputs = ("log_probs", "entropy", "mean_logits", "is_top1") + (
             ("log_sum_sq_probs",) if trainer.use_weighting else ())
-        install_compact_head(policy, outputs, stage.train.logps_vocab_chunk)
+        packed = padding_free_for(stage.train.padding_free, getattr(policy.config, "_attn_implementation", None))
+        install_compact_head(policy, outputs, stage.train.logps_vocab_chunk, packed)
         if trainer.ref_model is not None:
-            install_compact_head(trainer.ref_model, ("log_probs",), stage.train.logps_vocab_chunk)
+            install_compact_head(trainer.ref_model, ("log_probs",), stage.train.logps_vocab_chunk, packed)
     if stage.train.ref_logps_cache and stage.loss_type != "simpo":
         reference = trainer.ref_model if trainer.ref_model is not None else policy
         precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"

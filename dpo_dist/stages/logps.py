@@ -14,6 +14,11 @@ its call's choices are changed:
   `tokens × width` in the compute dtype, and the kernel's backward keeps a few tile-sized temporaries, so the width
   sets the path's peak memory; the GEMMs stay large enough to run at full speed.
 
+- **Padding-free** (`train.padding_free`, auto: on with flash-attention's varlen kernels): the backbone runs on the
+  batch's real tokens packed into one row, and no compute is spent on padding (TRL 1.16 disables its own
+  padding-free DPO). With SDPA or eager attention it still works, through a block-diagonal mask, but that mask is
+  dense over the packed row, so auto leaves it off there.
+
 The result is the same tensors TRL's head returns (`FusedCausalLMOutput`: zero at unscored positions), so the rest
 of DPOTrainer, and SimPO, run unchanged. Calls this path does not cover (pre-shifted `shift_labels` under sequence
 parallelism, MoE router logits) go to TRL's forward untouched.
@@ -51,6 +56,18 @@ def _logit_scale(text_config) -> float:
     return 1.0
 
 
+def _score(rows: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, weight, bias, vocab_chunk, outputs,
+           softcap, logit_scale, temperature):
+    """The kernel on `rows` [M, H] (the hidden states of the M positions where `mask` [B, T] is true), scattered
+    back to [B, T] with zeros elsewhere."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    per_token = ChunkedLogProbFunction.apply(
+        rows, weight, bias, labels[mask], temperature, vocab_chunk, softcap, logit_scale, outputs)
+    # masked_scatter keeps an all-masked micro-batch connected to the graph (a differentiable zero).
+    return tuple(None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in per_token)
+
+
 def completion_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                      vocab_chunk: int = DEFAULT_VOCAB_CHUNK, outputs: tuple[str, ...] = ("log_probs",),
                      softcap: float | None = None, logit_scale: float = 1.0, temperature: float = 1.0):
@@ -60,19 +77,41 @@ def completion_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     Returns (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1, mask), each [B, T] (None where not in
     `outputs`), like TRL's fused head.
     """
-    from trl.kernels import ChunkedLogProbFunction
-
     mask = labels != -100
-    per_token = ChunkedLogProbFunction.apply(
-        hidden[mask], weight, bias, labels[mask], temperature, vocab_chunk, softcap, logit_scale, outputs)
-    # masked_scatter keeps an all-masked micro-batch connected to the graph (a differentiable zero).
-    scattered = tuple(None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in per_token)
-    return (*scattered, mask)
+    scored = _score(hidden[mask], mask, labels, weight, bias, vocab_chunk, outputs, softcap, logit_scale, temperature)
+    return (*scored, mask)
 
 
-def install_compact_head(model, outputs: tuple[str, ...], vocab_chunk: int = DEFAULT_VOCAB_CHUNK) -> None:
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn",
+                    "kernels-community/flash-attn3", "kernels-community/vllm-flash-attn3")
+
+
+def padding_free_for(setting: str | bool, attn_implementation: str | None) -> bool:
+    """`train.padding_free`: auto packs only where attention runs on variable-length sequences natively (flash
+    varlen); with SDPA or eager attention a packed row gets a dense block-diagonal mask over all its tokens, which is
+    correct (true forces it) but usually costs more than the padding it removes."""
+    if setting == "auto":
+        return attn_implementation in VARLEN_ATTENTION
+    return bool(setting)
+
+
+def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """The real tokens of a padded batch as one row: (ids [1, N], position_ids [1, N] restarting at 0 for each
+    sequence, index [B, T] of each padded position in the row (-1 for padding))."""
+    keep = attention_mask.bool()
+    index = keep.flatten().cumsum(0).view(keep.shape) - 1
+    positions = attention_mask.long().cumsum(1) - 1
+    return input_ids[keep][None], positions[keep][None], index.masked_fill(~keep, -1)
+
+
+def install_compact_head(model, outputs: tuple[str, ...], vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+                         padding_free: bool = False) -> None:
     """Replace the fused forward TRL installed on `model` (the HF model under any PEFT wrapper) with the compact one,
-    computing the per-token fields in `outputs` (those the trainer asked TRL's head for)."""
+    computing the per-token fields in `outputs` (those the trainer asked TRL's head for).
+
+    With `padding_free`, the backbone runs on the batch's real tokens packed into one row (position ids restarting
+    per sequence, no attention mask: transformers then keeps the sequences apart, with varlen kernels under flash
+    attention), and each scored position reads its hidden state from the packed row."""
     from torch.distributed.tensor import DTensor
     from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
 
@@ -89,17 +128,27 @@ def install_compact_head(model, outputs: tuple[str, ...], vocab_chunk: int = DEF
             return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
                                num_items_in_batch=num_items_in_batch, **kwargs)
         kwargs["use_cache"] = False
-        hidden = getattr(self, backbone_attr)(*args, **kwargs).last_hidden_state[:, :-1]
-        labels = labels[:, 1:]
+        backbone = getattr(self, backbone_attr)
         head = self.get_output_embeddings()
-        hidden, labels = hidden.to(head.weight.device), labels.to(head.weight.device)
+        labels = labels[:, 1:].to(head.weight.device)
+        mask = labels != -100
+        packed = padding_free and not args and kwargs.get("attention_mask") is not None and "input_ids" in kwargs
+        if packed:
+            ids, positions, index = pack(kwargs.pop("input_ids"), kwargs.pop("attention_mask"))
+            kwargs.pop("position_ids", None)
+            hidden = backbone(input_ids=ids, position_ids=positions, **kwargs).last_hidden_state[0]
+            # the hidden state at position t predicts token t + 1: row index[:, :-1] of the packed output
+            rows = hidden.to(head.weight.device)[index[:, :-1].to(head.weight.device)[mask]]
+        else:
+            hidden = backbone(*args, **kwargs).last_hidden_state[:, :-1]
+            rows = hidden.to(head.weight.device)[mask]
         weight, bias = head.weight, head.bias
         if isinstance(weight, DTensor):  # FSDP2 shards the head: gather it once for every tile
             weight = weight.full_tensor()
             bias = bias.full_tensor() if bias is not None else None
         with maybe_gather_lm_head_ctx(weight, bias):  # ZeRO-3: gather the partitioned head
-            log_probs, entropy, log_sum_sq, mean_logits, is_top1, mask = completion_logps(
-                hidden, weight, bias, labels, vocab_chunk, outputs, softcap, scale)
+            log_probs, entropy, log_sum_sq, mean_logits, is_top1 = _score(
+                rows, mask, labels, weight, bias, vocab_chunk, outputs, softcap, scale, 1.0)
         loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
         return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq,
                                    mean_logits=mean_logits, is_top1=is_top1, label_mask=mask, aux_loss=None)

@@ -41,6 +41,9 @@ def add_parser(sub) -> None:
     p.add_argument("--model-size", choices=("tiny", "small"), default="small")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", default="cpu", help="side B's launch profile (default cpu)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="a recipe override for side B, as `dpo-dist train` takes them (e.g. train.padding_free=true, "
+                        "train.ref_logps_cache=false); repeatable")
     p.add_argument("--logits-vocab", type=int, default=151936, metavar="V", help="logits micro-benchmark vocabulary")
     p.add_argument("--logits-hidden", type=int, default=896, metavar="H")
     p.add_argument("--logits-seq", type=int, default=32, metavar="S",
@@ -197,6 +200,8 @@ def command_line(args) -> str:
              "--repeats", str(args.repeats), "--model-size", args.model_size, "--seed", str(args.seed)]
     if args.profile != "cpu":
         parts += ["--profile", args.profile]
+    for override in args.overrides:
+        parts += ["--set", override]
     if args.no_logits:
         parts.append("--no-logits")
     else:
@@ -237,7 +242,8 @@ def bench(args) -> dict:
         "grad_accum": args.grad_accum, "max_length": size.max_length, "seed": args.seed, "learning_rate": 5e-5,
         "logging_steps": 10, "lora_r": 16, "lora_alpha": 32, "template": bench_data.TEMPLATE, "profile": args.profile,
         "device": "cpu" if profile.device == "cpu" else "gpu", "cache_dir": None,
-        "precision": profile.precision or "fp32", "gradient_checkpointing": bool(profile.gradient_checkpointing),
+        "precision": profile.precision or "fp32", "overrides": list(args.overrides),
+        "gradient_checkpointing": bool(profile.gradient_checkpointing),
         "data": {"a": str(files[f"{args.workload}_a"]), "b": str(files[f"{args.workload}_b"])},
     }
     runs: dict[str, list[dict]] = {"A": [], "B": []}
@@ -354,6 +360,16 @@ def run(args) -> int:
     if args.steps < 1:
         print("error: --steps must be positive", file=sys.stderr)
         return 2
+    if args.overrides:  # a bad --set fails now, not after side A's first run
+        from dpo_dist.recipe import ConfigError, recipe_from_dict
+
+        try:
+            recipe_from_dict({"name": "bench", "model": {"name_or_path": "check"},
+                              "stages": [{"stage": args.workload, "data": {"train": "check.jsonl"}}]},
+                             args.overrides, source="--set")
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     report = bench(args)
     table = format_table(report)
     if args.json == "-":

@@ -227,7 +227,7 @@ def run_dpo_dist(spec: dict):
     from dpo_dist.recipe import recipe_from_dict
     from dpo_dist.train import run_recipe
 
-    recipe = recipe_from_dict(recipe_dict(spec), source="bench")
+    recipe = recipe_from_dict(recipe_dict(spec), spec.get("overrides", []), source="bench")
     profile = replace(load_profile(spec["profile"]), micro_batch_size=spec["micro_batch"])
     (result,) = run_recipe(recipe, profile, keep_trainer=True, log=lambda *a, **k: print(*a, file=sys.stderr))
     return result.trainer
