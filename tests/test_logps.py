@@ -60,20 +60,30 @@ def test_completion_logps_equal_the_materialized_logits(chunk):
     assert log_probs[2].abs().sum() == 0 and grad_h[2].abs().sum() == 0  # the empty row: zeros, no gradient
 
 
+class KernelSpy:
+    """Records the tokens each call of the log-prob kernel scores. Only dpo-dist's path looks the kernel up at call
+    time; TRL's own head holds its own reference, so its calls are not seen."""
+
+    def __init__(self, monkeypatch):
+        from trl.kernels import ChunkedLogProbFunction as kernel
+
+        self.calls: list[int] = []
+        calls = self.calls
+
+        class Spy:
+            @staticmethod
+            def apply(hidden, *args):
+                calls.append(hidden.shape[0])
+                return kernel.apply(hidden, *args)
+
+        monkeypatch.setattr("trl.kernels.ChunkedLogProbFunction", Spy)
+
+
 def test_only_completion_positions_reach_the_kernel(monkeypatch):
     h, w, b, labels = _inputs()
-    seen = []
-    from trl.kernels import ChunkedLogProbFunction as original
-
-    class Spy:
-        @staticmethod
-        def apply(hidden, *args):
-            seen.append(hidden.shape[0])
-            return original.apply(hidden, *args)
-
-    monkeypatch.setattr("trl.kernels.ChunkedLogProbFunction", Spy)
+    spy = KernelSpy(monkeypatch)
     logps_mod.completion_logps(h, w, b, labels)
-    assert seen == [int((labels != -100).sum())] and seen[0] < labels.numel() // 2
+    assert spy.calls == [int((labels != -100).sum())] and spy.calls[0] < labels.numel() // 2
 
 
 # ---- in the DPO trainer ----------------------------------------------------------------------------------------------
@@ -100,38 +110,39 @@ def _trainer(tiny_base, tmp_path, compact: bool, method: str = "lora", chunk: in
     return build_dpo_trainer(stage, args, model, tok, ds, None, peft, [])
 
 
+def perturb(trainer) -> None:
+    """Move the policy off the reference (the same way every time), so that rewards are not all zero."""
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.02)
+
+
+def train_step(trainer, rows=(0, 1, 2, 3), backward: bool = True):
+    """compute_loss (and backward) on the given training rows: (loss, gradients, last logged metrics, batch)."""
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in rows])
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    if backward:
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.item(), grads, {k: v[-1] for k, v in trainer._metrics["train"].items() if v}, batch
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_compact_head_gives_trls_loss_metrics_and_gradients(tiny_base, tmp_path, method, monkeypatch):
-    from trl.kernels import ChunkedLogProbFunction as kernel
-
-    scored = []  # token counts our path sends to the kernel (TRL's own head holds its own reference to it)
-
-    class Spy:
-        @staticmethod
-        def apply(hidden, *args):
-            scored.append(hidden.shape[0])
-            return kernel.apply(hidden, *args)
-
-    monkeypatch.setattr("trl.kernels.ChunkedLogProbFunction", Spy)
+    spy = KernelSpy(monkeypatch)
     results = {}
     for compact in (True, False):
-        scored.clear()
+        spy.calls.clear()
         trainer = _trainer(tiny_base, tmp_path, compact, method)
-        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
-        with torch.no_grad():  # move the policy off the reference so the rewards are not all zero
-            for name, p in trainer.model.named_parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.02)
-        trainer.model.train()
-        loss = trainer.compute_loss(trainer.model, batch)
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-        metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if v}
-        results[compact] = (loss.item(), grads, metrics)
+        perturb(trainer)
+        loss, grads, metrics, batch = train_step(trainer)
+        results[compact] = (loss, grads, metrics)
         completion = int(batch["completion_mask"][:, 1:].sum())
         # policy, then reference (adapter disabled or the frozen copy): completion tokens only, or not ours at all
-        assert scored == ([completion, completion] if compact else []), scored
+        assert spy.calls == ([completion, completion] if compact else []), spy.calls
     (loss_c, grads_c, metrics_c), (loss_t, grads_t, metrics_t) = results[True], results[False]
     assert abs(loss_c - loss_t) < 1e-5
     assert grads_c.keys() == grads_t.keys() and grads_c
@@ -141,19 +152,6 @@ def test_compact_head_gives_trls_loss_metrics_and_gradients(tiny_base, tmp_path,
     for key in metrics_c:  # rewards, log-probs, entropy, mean logits, token accuracy
         assert metrics_c[key] == pytest.approx(metrics_t[key], abs=1e-5), key
     assert metrics_c["rewards/margins"] != 0.0
-
-
-def _loss_grads_metrics(trainer):
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
-    with torch.no_grad():  # move the policy off the reference so the rewards are not all zero
-        for name, p in trainer.model.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.02)
-    trainer.model.train()
-    loss = trainer.compute_loss(trainer.model, batch)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-    return loss.item(), grads, {k: v[-1] for k, v in trainer._metrics["train"].items() if v}, batch
 
 
 @pytest.mark.e2e
@@ -166,7 +164,8 @@ def test_padding_free_rows_give_the_padded_loss_metrics_and_gradients(tiny_base,
         shapes = []
         hook = backbone.register_forward_pre_hook(lambda _m, _a, kw: shapes.append(tuple(kw["input_ids"].shape)),
                                                   with_kwargs=True)
-        results[packed] = (*_loss_grads_metrics(trainer), shapes)
+        perturb(trainer)
+        results[packed] = (*train_step(trainer), shapes)
         hook.remove()
     (loss_p, grads_p, metrics_p, batch, shapes_p), (loss_d, grads_d, metrics_d, _, shapes_d) = (
         results[True], results[False])

@@ -9,41 +9,9 @@ import torch
 
 from dpo_dist.recipe import ConfigError, TrainConfig
 from dpo_dist.stages import ref_cache
-from tests.test_logps import _trainer
+from tests.test_logps import KernelSpy, _trainer, perturb, train_step
 
 pytestmark = pytest.mark.e2e
-
-
-class KernelSpy:
-    """Counts the tokens each call of the log-prob kernel scores (policy and reference forwards alike)."""
-
-    def __init__(self, monkeypatch):
-        from trl.kernels import ChunkedLogProbFunction as kernel
-
-        self.calls = []
-        spy = self
-
-        class Spy:
-            @staticmethod
-            def apply(hidden, *args):
-                spy.calls.append(hidden.shape[0])
-                return kernel.apply(hidden, *args)
-
-        monkeypatch.setattr("trl.kernels.ChunkedLogProbFunction", Spy)
-
-
-def _perturb(trainer):
-    with torch.no_grad():  # move the policy off the reference so the rewards are not all zero
-        for name, p in trainer.model.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.02)
-
-
-def _loss_and_metrics(trainer, rows):
-    trainer.model.train()
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in rows])
-    loss = trainer.compute_loss(trainer.model, batch)
-    return loss.item(), {k: v[-1] for k, v in trainer._metrics["train"].items() if v}
 
 
 def test_pair_keys_ignore_padding_and_see_every_token(tiny_base, tmp_path):
@@ -66,14 +34,14 @@ def test_cached_reference_gives_the_inline_loss_without_a_reference_forward(tiny
                                                                             monkeypatch):
     spy = KernelSpy(monkeypatch)
     inline = _trainer(tiny_base, tmp_path, compact=True, method=method, ref_cache=False)
-    _perturb(inline)
-    want_loss, want = _loss_and_metrics(inline, [0, 1, 2, 3])
+    perturb(inline)
+    want_loss, _, want, _ = train_step(inline, backward=False)
     assert len(spy.calls) == 2  # policy + reference
 
     cached = _trainer(tiny_base, tmp_path, compact=True, method=method, ref_cache=True)
-    _perturb(cached)
+    perturb(cached)
     spy.calls.clear()
-    loss, got = _loss_and_metrics(cached, [0, 1, 2, 3])
+    loss, _, got, _ = train_step(cached, backward=False)
     pairs = len(cached.train_dataset)
     # the pass: all 8 pairs in 16-pair batches (4 × micro-batch 4) = one reference forward; then the policy only
     assert len(spy.calls) == 2 and cached.ref_cache.stats["computed"] == pairs
@@ -82,14 +50,14 @@ def test_cached_reference_gives_the_inline_loss_without_a_reference_forward(tiny
         assert got[key] == pytest.approx(want[key], abs=1e-5), key
     assert got["rewards/margins"] != 0.0
     spy.calls.clear()
-    _loss_and_metrics(cached, [4, 5, 6, 7])
+    train_step(cached, (4, 5, 6, 7), backward=False)
     assert len(spy.calls) == 1  # the next step: the policy forward only
 
     # Another run on the same model and rows reads the file: nothing computed.
     again = _trainer(tiny_base, tmp_path, compact=True, method=method, ref_cache=True)
-    _perturb(again)
+    perturb(again)
     spy.calls.clear()
-    loss_again, _ = _loss_and_metrics(again, [0, 1, 2, 3])
+    loss_again = train_step(again, backward=False)[0]
     assert again.ref_cache.stats == {**again.ref_cache.stats, "cached": pairs, "computed": 0, "batches": 0}
     assert len(spy.calls) == 1 and loss_again == loss
     assert again.ref_cache.path == cached.ref_cache.path and again.ref_cache.path.is_file()
@@ -127,7 +95,7 @@ def test_an_unreadable_cache_file_is_reported_and_recomputed(tiny_base, tmp_path
     trainer.ref_cache.log = messages.append
     trainer.ref_cache.path.parent.mkdir(parents=True, exist_ok=True)
     trainer.ref_cache.path.write_text("{not json")
-    _loss_and_metrics(trainer, [0, 1, 2, 3])
+    train_step(trainer, backward=False)
     assert any("ignoring unreadable cache" in m and str(trainer.ref_cache.path) in m for m in messages)
     assert trainer.ref_cache.stats["computed"] == len(trainer.train_dataset)
     assert len(json.loads(trainer.ref_cache.path.read_text())["pairs"]) == len(trainer.train_dataset)
