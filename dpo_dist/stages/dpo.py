@@ -105,19 +105,22 @@ def build_dpo_trainer(stage: StageConfig, args: DPOConfig, model, tokenizer, tra
     if trainer.ref_model is not None:  # full-parameter DPO: trl runs it under no_grad but leaves it trainable
         trainer.ref_model.requires_grad_(False)
     policy = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    # Full-parameter DPO: TRL has already wrapped the frozen reference (a DeepSpeed engine, or a DDP module); its
+    # head goes on the model inside, where TRL put its own, so the wrapper's forward still runs around it.
+    reference = getattr(trainer.ref_model, "module", trainer.ref_model)
     if stage.train.compact_logps:
         # The fields TRL's DPOTrainer asks its own head for: log-probs, plus what its metrics (and WPO) read.
         outputs = ("log_probs", "entropy", "mean_logits", "is_top1") + (
             ("log_sum_sq_probs",) if trainer.use_weighting else ())
         packed = padding_free_for(stage.train.padding_free, getattr(policy.config, "_attn_implementation", None))
         install_compact_head(policy, outputs, stage.train.logps_vocab_chunk, packed)
-        if trainer.ref_model is not None:
-            install_compact_head(trainer.ref_model, ("log_probs",), stage.train.logps_vocab_chunk, packed)
+        if reference is not None:
+            install_compact_head(reference, ("log_probs",), stage.train.logps_vocab_chunk, packed)
     if stage.train.ref_logps_cache and stage.loss_type != "simpo":
-        reference = trainer.ref_model if trainer.ref_model is not None else policy
         precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
         head = ["compact", stage.train.logps_vocab_chunk] if stage.train.compact_logps else ["trl"]
-        key = model_key(reference, precision, {"ld_alpha": trainer.ld_alpha, "head": head})
+        key = model_key(reference if reference is not None else policy, precision,
+                        {"ld_alpha": trainer.ld_alpha, "head": head})
         trainer.ref_cache = RefLogpsCache(cache_dir() / f"{key}.json",
                                           stage.train.ref_logps_batch_size or 4 * args.per_device_train_batch_size,
                                           log=log)
