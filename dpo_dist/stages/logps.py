@@ -8,8 +8,8 @@ its call's choices are changed:
 - **Only completion tokens are scored, on every device.** TRL scores the valid positions only where Triton runs
   (CUDA/XPU); elsewhere it projects every position (prompt and padding included, about half of a DPO batch) and
   masks afterwards, so that compiled backends see fixed shapes. Here the positions whose label is not -100 are
-  gathered first, everywhere (for a torch.compile'd model, see `train.torch_compile`, the shapes then vary per
-  batch; dynamic shapes handle that).
+  gathered first, everywhere. Their number varies per batch, as the padded length already does; with
+  `train.torch_compile` each new shape recompiles (measured in docs/benchmarks.md).
 - **Narrower vocabulary tiles** (`train.logps_vocab_chunk`, default 8,192 columns; TRL's is 32,768). A tile is
   `tokens × width` in the compute dtype, and the kernel's backward keeps a few tile-sized temporaries, so the width
   sets the path's peak memory; the GEMMs stay large enough to run at full speed.
