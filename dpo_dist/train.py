@@ -271,8 +271,23 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as stopped:
         if is_main_process():
             print(f"[train] {stopped}", flush=True)
+        finish_distributed()
         return 0  # a clean, requested stop: launchers treat any other code as a crashed rank
+    finish_distributed()
     return 0
+
+
+def finish_distributed() -> None:
+    """After a run that ended normally on every rank: wait for all of them, then tear the process group down.
+
+    Left to interpreter exit, a rank whose peers have already gone can abort in the communication library's teardown
+    ("terminate called without an active exception", exit -6) after its work is done, and the launcher then reports
+    the whole job as failed. Not called after a fault: the peers may be gone, and a barrier would wait for them."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
