@@ -108,7 +108,7 @@ class TrainConfig:
     ref_logps_cache: bool = True
     ref_logps_batch_size: int | None = None  # pairs per forward of that pass; null = 4 × the profile's micro-batch
     # Compile the model with torch.compile (TrainingArguments.torch_compile). Off by default: the first steps pay
-    # the compilation, and batches of varying length recompile until dynamic shapes take over.
+    # the compilation, and each new batch length recompiles (measured in docs/benchmarks.md).
     torch_compile: bool = False
     torch_compile_backend: str = "inductor"
     torch_compile_mode: str | None = None  # e.g. "reduce-overhead", "max-autotune"; null = the backend's default

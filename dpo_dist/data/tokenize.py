@@ -35,8 +35,13 @@ class Prepared:
     from_cache: bool = False
 
 
+def cache_home() -> Path:
+    """Where dpo-dist keeps its caches: $DPO_DIST_CACHE, else ~/.cache/dpo_dist."""
+    return Path(os.environ.get("DPO_DIST_CACHE", Path.home() / ".cache" / "dpo_dist"))
+
+
 def cache_root() -> Path:
-    return Path(os.environ.get("DPO_DIST_CACHE", Path.home() / ".cache" / "dpo_dist")) / "tokenized"
+    return cache_home() / "tokenized"
 
 
 def _hash_path(path: Path, h) -> None:

@@ -35,7 +35,9 @@ FORMAT = 1
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("DPO_DIST_CACHE", Path.home() / ".cache" / "dpo_dist")) / "ref-logps"
+    from dpo_dist.data.tokenize import cache_home
+
+    return cache_home() / "ref-logps"
 
 
 def pair_keys(batch: dict) -> list[str]:
@@ -153,8 +155,8 @@ class RefLogpsCache:
             idx = batches[mine] if mine < len(batches) else batches[0]  # a repeat keeps sharded forwards in step
             batch = trainer._prepare_inputs(collate([rows[i] for i in idx]))
             chosen, rejected = trainer.compute_ref_log_probs(model, batch)
-            if mine < len(batches):
-                computed += zip(pair_keys(batch), chosen.float().tolist(), rejected.float().tolist())
+            if mine < len(batches):  # keys are padding-independent, so each row's key from above is its key here
+                computed += zip((keys[i] for i in idx), chosen.float().tolist(), rejected.float().tolist())
             if main and (r + 1) % report_every == 0:
                 self.log(f"[ref-logps] {min((r + 1) * world, len(batches))}/{len(batches)} batches, "
                          f"{time.perf_counter() - started:.1f} s")
