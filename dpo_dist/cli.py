@@ -210,9 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="also fail (exit 1) on warnings")
     p.set_defaults(func=_validate)
 
+    from dpo_dist import prepare
     from dpo_dist.tools import bench, chat, evaluate, firefly_import, plan, plot
 
-    for tool in (plan, chat, evaluate, plot, bench, firefly_import):
+    for tool in (prepare, plan, chat, evaluate, plot, bench, firefly_import):
         tool.add_parser(sub)  # each registers its subcommand(s)
 
     p = sub.add_parser("profiles", help="list the launch profiles")

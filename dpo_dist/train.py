@@ -51,10 +51,9 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
     from accelerate import PartialState
     from transformers import set_seed
 
-    from dpo_dist.data.render import Renderer
-    from dpo_dist.data.tokenize import prepare_dataset
     from dpo_dist.merge import merge_adapter
-    from dpo_dist.models import adapter_dtype, cast_trainable, load_model, load_tokenizer, lora_config
+    from dpo_dist.models import adapter_dtype, cast_trainable, load_model, lora_config
+    from dpo_dist.prepare import data_tokenizer, prepare_stage_data
     from dpo_dist.checkpoints import CheckpointMarker, StopOnRequest, latest_complete
     from dpo_dist.faults import Faults, fault_callbacks
     from dpo_dist.reliability import Guard, GuardCallback
@@ -87,22 +86,16 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     # ---- tokenizer & data ---------------------------------------------------------------------------------------
-    # A chained stage loads the previous stage's result; revision and tokenizer refer to the original only.
+    # A chained stage loads the previous stage's result; revision and tokenizer refer to the original only, and the
+    # data is tokenized with the recipe's own tokenizer, as `dpo-dist prepare` does (same cache entries).
     model_cfg = recipe.model if base_path == recipe.model.name_or_path else replace(
         recipe.model, name_or_path=base_path, tokenizer=None, revision=None)
-    tokenizer = load_tokenizer(model_cfg)
-    renderer = Renderer(tokenizer, recipe.model.template)
-    data = stage.data
-
-    def prepare(source):
-        return prepare_dataset(kind, source, tokenizer, renderer, max_length=stage.max_length,
-                               max_prompt_length=stage.max_prompt_length, fmt=data.format,
-                               on_bad_row=data.on_bad_row, split=data.split, max_rows=data.max_rows,
-                               num_proc=data.num_proc, log=log if state.is_main_process else _quiet)
-
-    with state.main_process_first():  # rank 0 tokenizes; the others read its cache
-        train = prepare(data.train)
-        evaluation = prepare(data.eval) if data.eval else None
+    tokenizer, renderer = data_tokenizer(recipe)
+    # No collective here: every rank asks the cache, one builds each entry and the others wait on the entry itself
+    # (dpo_dist.data.cache), so tokenizing for longer than collective_timeout_s is fine.
+    data = prepare_stage_data(stage, tokenizer, renderer, log=log if state.is_main_process else _quiet,
+                              wait_log=_rank_log)
+    train, evaluation = data.train, data.eval
     if state.is_main_process:
         report = {"train": train.report, "eval": evaluation.report if evaluation else None}
         (run_dir / "data_report.json").write_text(json.dumps(report, indent=1))
@@ -200,6 +193,10 @@ def _quiet(*_args, **_kwargs) -> None:
     pass
 
 
+def _rank_log(line: str) -> None:
+    print(f"[rank {os.environ.get('RANK', '0')}] {line}", flush=True)
+
+
 def _last_train_log(history: list[dict]) -> dict:
     for entry in reversed(history):
         if "loss" in entry:
@@ -261,11 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from dpo_dist.data.cache import BuildFailed
+    from dpo_dist.data.formats import DataError
+    from dpo_dist.data.render import TemplateError
     from dpo_dist.reliability import TrainingFault
 
     try:
         run_recipe(recipe, profile, only=args.stage, resume=args.resume, backend=backend)
-    except TrainingFault as fault:
+    except (TrainingFault, DataError, TemplateError, BuildFailed) as fault:
         print(f"error: {fault}", file=sys.stderr, flush=True)
         return 1
     except Stopped as stopped:

@@ -13,8 +13,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
-from dpo_dist.data.formats import (FORMATS, WARNING_KINDS, BadRow, DataError, RowWarning, count_warnings,
-                                   describe_warning_counts, scan_source)
+from dpo_dist.data.formats import (FORMATS, WARNING_KINDS, BadRow, DataError, RowStream, RowWarning,
+                                   count_warnings, describe_warning_counts)
 from dpo_dist.schema import ConfigError
 
 KINDS = tuple(FORMATS)
@@ -79,37 +79,52 @@ def _why_no_rows(source: str, bad: int) -> str:
     return "the source holds no rows"
 
 
+_LENGTH_BATCH = 1000  # rows per token-length check, so a big source is never held whole
+
+
 def check_data(source: str, kind: str, fmt: str = "auto", split: str = "train",
                limits: LengthLimits | None = None) -> SourceCheck:
-    """Read every row of ``source`` as ``kind`` data; collect bad rows, warnings and file-level problems."""
+    """Read every row of ``source`` as ``kind`` data (streamed, by the reader training uses); collect bad rows,
+    warnings and file-level problems."""
     check = SourceCheck(source, kind)
+    length_warnings: list[RowWarning] = []
     try:
-        loaded = scan_source(source, kind, fmt, split)
+        stream = RowStream(source, kind, fmt, "skip", split)
+        batch: list[dict] = []
+        for row in stream:
+            if limits is None:
+                continue
+            batch.append(row)
+            if len(batch) == _LENGTH_BATCH:
+                limits = _length_warnings(batch, kind, limits, check.notes, length_warnings)
+                batch = []
+        if batch and limits is not None:
+            _length_warnings(batch, kind, limits, check.notes, length_warnings)
     except DataError as err:
         check.problem = str(err)
         return check
-    check.rows, check.fmt = len(loaded.rows), loaded.fmt
-    check.bad, check.warnings = list(loaded.skipped), list(loaded.warnings)
-    if not loaded.rows:
+    loaded = stream.result()
+    check.rows, check.fmt = loaded.n_rows, loaded.fmt
+    check.bad, check.warnings = list(loaded.skipped), list(loaded.warnings) + length_warnings
+    if not check.rows:
         check.problem = f"{source}: no usable rows ({_why_no_rows(source, len(loaded.skipped))})"
-    if limits is not None and loaded.rows:
-        check.warnings += _length_warnings(loaded.rows, kind, limits, check.notes)
     return check
 
 
-def _length_warnings(rows: list[dict], kind: str, limits: LengthLimits, notes: list[str]) -> list[RowWarning]:
+def _length_warnings(rows: list[dict], kind: str, limits: LengthLimits, notes: list[str],
+                     out: list[RowWarning]) -> LengthLimits | None:
+    """Append the token-length warnings of ``rows`` to ``out``; returns None when the checks must stop."""
     from dpo_dist.data.render import TemplateError
     from dpo_dist.data.tokenize import token_length_warnings
 
-    out: list[RowWarning] = []
     for row in rows:
         try:
             out += token_length_warnings(row, kind, limits.tokenizer, limits.renderer, limits.max_length,
                                          limits.max_prompt_length)
         except TemplateError as err:  # a template problem is the same for every row: say it once
             notes.append(f"warning: token-length checks skipped at {row['loc']}: {_short(err)}")
-            break
-    return out
+            return None
+    return limits
 
 
 def _capped(lines: list[str], max_lines: int | None, what: str) -> list[str]:

@@ -122,8 +122,8 @@ def test_second_run_reads_the_cache_and_does_no_tokenization(tokenizer, tmp_path
         raise AssertionError("tokenized again")
 
     with monkeypatch.context() as patch:  # scoped: the fixture's DPO_DIST_CACHE must stay in place
-        patch.setattr(tk, "tokenize_sft", boom)
-        patch.setattr(tk, "read_source", boom)
+        patch.setattr(tk, "encode_sft", boom)
+        patch.setattr(tk, "RowStream", boom)
         second = prepare_dataset("sft", str(src), tokenizer, r, max_length=64, log=lambda *_: None)
     assert second.from_cache
     assert second.dataset["input_ids"] == first.dataset["input_ids"]

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 from dpo_dist.data import converters as _conv
 from dpo_dist.data.converters import RowError as _RowError
 
-__all__ = ["read_source", "scan_source", "check_source", "DataError", "BadRow", "RowWarning",
+__all__ = ["read_source", "scan_source", "RowStream", "no_rows_error", "check_source", "DataError", "BadRow", "RowWarning",
            "LoadResult", "FORMATS", "SFT_FORMATS", "DPO_FORMATS", "PRETRAIN_FORMATS", "WARNING_KINDS",
            "count_warnings", "describe_warning_counts", "max_line_bytes"]
 
@@ -118,6 +118,11 @@ class LoadResult:
     source: str = ""
     fmt: str = "auto"
     warnings: list[RowWarning] = dc_field(default_factory=list)
+    count: int | None = None  # usable rows, when they were streamed instead of kept in ``rows``
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.rows) if self.count is None else self.count
 
     def warning_summary(self) -> str:
         """``"7 warnings (3 duplicate rows, 4 ...)"``, or "" when there are none."""
@@ -129,7 +134,7 @@ class LoadResult:
 
     def summary(self) -> str:
         """One line: row count, resolved format and where/why rows were skipped."""
-        text = f"{self.source}: {len(self.rows)} rows (format {self.fmt})"
+        text = f"{self.source}: {self.n_rows} rows (format {self.fmt})"
         if self.skipped:
             items = [f"{self._short_loc(b.loc)} ({b.reason.split(': ', 1)[0]})"
                      for b in self.skipped[:_SUMMARY_MAX]]
@@ -346,6 +351,18 @@ def _iter_txt(path: Path, name: str) -> Records:
     yield f"{name}:1", {"text": text.replace("\r\n", "\n")}
 
 
+_HF_BATCH = 1024
+
+
+def _hf_records(ds, name: str, split: str) -> Records:
+    """Rows of a ``datasets.Dataset``, decoded a bounded batch at a time (the dataset itself is memory-mapped)."""
+    i = 0
+    for batch in ds.with_format("arrow").iter(batch_size=_HF_BATCH):
+        for record in batch.to_pylist():
+            yield f"{name}[{split}]#row {i}", record
+            i += 1
+
+
 def _iter_hf(name: str, split: str) -> Records:
     import datasets
 
@@ -354,8 +371,38 @@ def _iter_hf(name: str, split: str) -> Records:
     except Exception as e:  # network, missing dataset, bad split, ...
         raise DataError(f"{name}: cannot load Hugging Face dataset (split {split!r}): "
                         f"{type(e).__name__}: {e}") from e
-    for i, record in enumerate(ds):
-        yield f"{name}[{split}]#row {i}", record
+    return _hf_records(ds, name, split)
+
+
+def _iter_saved(path: Path, name: str, split: str) -> Records:
+    """A directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise DataError(f"{name}: cannot load dataset saved with save_to_disk: {type(e).__name__}: {e}") from e
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{name}: has no split {split!r} (it has {', '.join(ds)}); set data.split")
+        ds = ds[split]
+    return _hf_records(ds, name, split)
+
+
+def _hf_layout(path: Path) -> str | None:
+    """How a directory holds a dataset: "saved" (save_to_disk), "hub" (a hub dataset snapshot: a README.md whose
+    YAML header declares configs or dataset_info, or a data/ folder), or None (a plain folder of files)."""
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        return "saved"
+    readme = path / "README.md"
+    if readme.is_file():
+        with open(readme, encoding="utf-8", errors="replace") as f:
+            head = f.read(1 << 16)
+        if head.startswith("---") and re.search(r"^(configs|dataset_info):", head.split("\n---", 1)[0], re.M):
+            return "hub"
+    if (path / "data").is_dir():
+        return "hub"
+    return None
 
 
 _READERS: dict[str, Callable[[Path, str], Records]] = {
@@ -366,9 +413,15 @@ def _open_source(source: str, kind: str, split: str) -> list[Callable[[], Record
     """One records factory per file of ``source`` (a file, a directory or an HF dataset)."""
     path = Path(source)
     if path.is_dir():
+        layout = _hf_layout(path)
+        if layout == "saved":
+            return [lambda: _iter_saved(path, source, split)]
+        if layout == "hub":
+            return [lambda: _iter_hf(source, split)]
         if kind != "pretrain":
-            raise DataError(f"{source}: is a directory; directories are only supported for "
-                            "pretrain data (give a .jsonl, .json or .parquet file)")
+            raise DataError(f"{source}: is a directory; directories are only supported for pretrain data "
+                            "(give a .jsonl, .json or .parquet file, a dataset directory written by save_to_disk, "
+                            "or a hub-style dataset directory with data/ or a README.md that declares configs)")
         found = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*")
                        if p.is_file() and p.suffix.lower() in _DIR_EXTS
                        and not any(part.startswith(".") for part in p.relative_to(path).parts))
@@ -419,18 +472,21 @@ def _check_record(record: Any, kind: str, resolved: str | None, explicit: bool) 
 
 
 class _Reader:
-    """Reads the files of one source into rows, bad rows and warnings."""
+    """Reads the files of one source into rows, bad rows and warnings.
+
+    ``rows(records)`` is a generator: rows flow through one at a time, and only the bad rows, the warnings and one
+    small digest per row (for duplicate detection) are kept."""
 
     def __init__(self, kind: str, fmt: str, on_bad_row: str):
         self.kind, self.fmt, self.on_bad_row = kind, fmt, on_bad_row
-        self.rows: list[dict] = []
+        self.count = 0
         self.skipped: list[BadRow] = []
         self.warnings: list[RowWarning] = []
         self.formats: list[str] = []
-        self._seen: dict[bytes, str] = {}          # content digest -> first loc
+        self._seen: dict[int, str] = {}            # 8-byte content digest -> first loc
         self._unknown: dict[str, list] = {}        # ignored key -> [first loc, rows]
 
-    def read(self, records: Records) -> None:
+    def rows(self, records: Records) -> Iterator[dict]:
         resolved = None if self.fmt == "auto" else self.fmt
         for loc, record in records:
             if isinstance(record, RowWarning):
@@ -447,14 +503,16 @@ class _Reader:
                 continue
             self._inspect(loc, record, row, resolved)
             row["loc"] = loc
-            self.rows.append(row)
+            self.count += 1
+            yield row
         if resolved is not None and resolved not in self.formats:
             self.formats.append(resolved)
 
     def _inspect(self, loc: str, record: dict, row: dict, fmt: str) -> None:
         """Warnings for a usable row: duplicate content, ignored keys, DPO prefixes."""
         canonical = json.dumps(row, sort_keys=True, ensure_ascii=False).encode("utf-8")
-        first = self._seen.setdefault(hashlib.blake2b(canonical, digest_size=16).digest(), loc)
+        digest = int.from_bytes(hashlib.blake2b(canonical, digest_size=8).digest(), "little")
+        first = self._seen.setdefault(digest, loc)
         if first != loc:
             self.warnings.append(RowWarning(loc, "row", "duplicate",
                                             f"duplicate of {_loc_relative_to(first, loc)}"))
@@ -469,13 +527,36 @@ class _Reader:
                 self.warnings.append(RowWarning(loc, "rejected", "dpo_prefix", "the rejected "
                                                 "response is a prefix of the chosen one"))
 
-    def result(self, source: str) -> LoadResult:
+    def result(self, source: str, rows: list[dict] | None = None) -> LoadResult:
         warnings = list(self.warnings)
         for key, (loc, n) in self._unknown.items():
             warnings.append(RowWarning(loc, key, "unknown_key", f"unknown key ignored, in {n} "
                                        f"row{'' if n == 1 else 's'} (first here)"))
-        return LoadResult(rows=self.rows, skipped=self.skipped, source=source,
-                          fmt="+".join(self.formats), warnings=warnings)
+        return LoadResult(rows=rows if rows is not None else [], skipped=self.skipped, source=source,
+                          fmt="+".join(self.formats), warnings=warnings,
+                          count=None if rows is not None else self.count)
+
+
+class RowStream:
+    """The usable rows of one source, read lazily and in order; iterate it once.
+
+    Bad rows raise (``on_bad_row="error"``) or are collected (``"skip"``) as they are met, so an error names its
+    exact line before anything after it is read. Once iterated, :meth:`result` holds the row count, the skipped rows
+    and the warnings (its ``rows`` is empty)."""
+
+    def __init__(self, source: str, kind: str, fmt: str = "auto", on_bad_row: str = "error",
+                 split: str = "train"):
+        _check_args(kind, fmt, on_bad_row)
+        self.source = os.fspath(source)
+        self._factories = _open_source(self.source, kind, split)
+        self._reader = _Reader(kind, fmt, on_bad_row)
+
+    def __iter__(self) -> Iterator[dict]:
+        for records in self._factories:
+            yield from self._reader.rows(records())
+
+    def result(self) -> LoadResult:
+        return self._reader.result(self.source)
 
 
 def _check_args(kind: str, fmt: str = "auto", on_bad_row: str = "error") -> None:
@@ -489,30 +570,34 @@ def _check_args(kind: str, fmt: str = "auto", on_bad_row: str = "error") -> None
 
 
 def _load(source: str, kind: str, fmt: str, on_bad_row: str, split: str) -> LoadResult:
-    _check_args(kind, fmt, on_bad_row)
-    reader = _Reader(kind, fmt, on_bad_row)
-    for records in _open_source(source, kind, split):
-        reader.read(records())
-    return reader.result(source)
+    stream = RowStream(source, kind, fmt, on_bad_row, split)
+    rows = list(stream)
+    return stream._reader.result(stream.source, rows)
+
+
+def no_rows_error(result: LoadResult) -> DataError:
+    """The error for a source that yielded no usable row."""
+    skipped = result.skipped
+    why = (f"{len(skipped)} bad rows skipped, first: {skipped[0]}" if skipped
+           else "the source holds no rows")
+    return DataError(f"{result.source}: no usable rows ({why})")
 
 
 def read_source(source: str, kind: str, fmt: str = "auto", on_bad_row: str = "error",
                 split: str = "train") -> LoadResult:
-    """Read ``source`` as ``kind`` ("sft", "dpo" or "pretrain") data in format ``fmt``.
+    """Read ``source`` as ``kind`` ("sft", "dpo" or "pretrain") data in format ``fmt``, keeping every row in
+    memory (for small sources: the training pipeline streams them with :class:`RowStream`).
 
     ``source``: a local .jsonl / .json / .parquet file, a directory (pretrain only: every
     .jsonl/.json/.parquet/.txt below it, recursively, in sorted order, hidden paths
-    excluded; a .txt file is one row), or a Hugging Face dataset ``org/name`` /
-    ``hf:org/name`` loaded with ``datasets.load_dataset(name, split=split)``.
+    excluded; a .txt file is one row), a dataset directory (written by ``save_to_disk``, or laid
+    out like a hub dataset snapshot), or a Hugging Face dataset ``org/name`` / ``hf:org/name``
+    loaded with ``datasets.load_dataset(name, split=split)``.
     ``fmt="auto"`` detects the format per file from the first usable row's keys.
     """
-    source = os.fspath(source)
-    result = _load(source, kind, fmt, on_bad_row, split)
+    result = _load(os.fspath(source), kind, fmt, on_bad_row, split)
     if not result.rows:
-        skipped = result.skipped
-        why = (f"{len(skipped)} bad rows skipped, first: {skipped[0]}" if skipped
-               else "the source holds no rows")
-        raise DataError(f"{source}: no usable rows ({why})")
+        raise no_rows_error(result)
     return result
 
 

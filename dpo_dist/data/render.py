@@ -3,16 +3,50 @@
 The renderer uses a named template from `dpo_dist.templates` when the recipe sets `template:`, else the
 tokenizer's own chat template, else the `default` template. Segments are found by rendering the conversation
 incrementally and taking differences, so any prefix-stable template works, including a tokenizer's own.
+
+That costs O(turns²) renders per conversation. For a registry template, whose files only ever insert a message's
+content verbatim, the segments are instead worked out once per sequence of roles, on placeholder contents (a
+*skeleton*), and each conversation with those roles is then assembled by substituting its contents: no Jinja at
+all per row. The first conversation of each role sequence is also rendered incrementally and compared, so a
+template that does treat content specially falls back to incremental rendering instead of being mis-split.
 """
 from __future__ import annotations
 
 import hashlib
+import re
 
 from dpo_dist.templates import ChatTemplate, apply_default_system, get_template
 
 
 class TemplateError(ValueError):
     pass
+
+
+# Placeholder contents for skeletons: private-use code points, which no registry template touches.
+_OPEN, _CLOSE = "\ue000", "\ue001"
+_PLACEHOLDER = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
+_Skeleton = list  # [(parts, supervised)]: parts are literal strings and int indexes of message contents
+
+
+def _placeholders(messages: list[dict]) -> list[dict]:
+    return [{"role": m["role"], "content": f"{_OPEN}{k}{_CLOSE}"} for k, m in enumerate(messages)]
+
+
+def _to_parts(text: str) -> list:
+    parts: list = []
+    last = 0
+    for m in _PLACEHOLDER.finditer(text):
+        if m.start() > last:
+            parts.append(text[last:m.start()])
+        parts.append(int(m.group(1)))
+        last = m.end()
+    if last < len(text):
+        parts.append(text[last:])
+    return parts
+
+
+def _fill(parts: list, contents: list[str]) -> str:
+    return "".join(contents[p] if isinstance(p, int) else p for p in parts)
 
 
 class Renderer:
@@ -28,6 +62,8 @@ class Renderer:
             self.name = "tokenizer"
             self.source = own if isinstance(own, str) else repr(own)
         self.eot_token = self._find_eot()
+        # Per role sequence: the skeleton, or None where assembling from it did not match a real render.
+        self._skeletons: dict[tuple, _Skeleton | None] = {}
 
     @property
     def fingerprint(self) -> str:
@@ -82,6 +118,28 @@ class Renderer:
 
     def segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
         """Split a full conversation into (text, is_assistant) pieces. Assistant pieces end with the EOT token."""
+        return self._assembled(("sft", *(m["role"] for m in messages)), messages, self.incremental_segments)
+
+    def _assembled(self, key: tuple, messages: list[dict], slow) -> list[tuple[str, bool]]:
+        """``slow(messages)``, assembled from the skeleton of ``key`` (the roles) where the template allows."""
+        if self.template is None:
+            return slow(messages)
+        contents = [m["content"] for m in messages]
+        if any(_OPEN in c or _CLOSE in c for c in contents):
+            return slow(messages)  # the placeholders would be ambiguous
+        if key not in self._skeletons:
+            skeleton = [(_to_parts(text), sup) for text, sup in slow(_placeholders(messages))]
+            expected = slow(messages)
+            fast = [(_fill(parts, contents), sup) for parts, sup in skeleton]
+            self._skeletons[key] = skeleton if fast == expected else None
+            return expected
+        skeleton = self._skeletons[key]
+        if skeleton is None:
+            return slow(messages)
+        return [(_fill(parts, contents), sup) for parts, sup in skeleton]
+
+    def incremental_segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
+        """:meth:`segments` by rendering every prefix of the conversation (works for any prefix-stable template)."""
         out: list[tuple[str, bool]] = []
         done = ""
         for k, message in enumerate(messages):
@@ -105,6 +163,18 @@ class Renderer:
 
     def prompt_and_completions(self, prompt: list[dict], completions: list[str]) -> tuple[str, list[str]]:
         """DPO: the prompt text (with generation header) and each completion's text after it."""
+        messages = list(prompt) + [{"role": "assistant", "content": text} for text in completions]
+        n = len(prompt)
+
+        def slow(msgs: list[dict]) -> list[tuple[str, bool]]:
+            head, pieces = self.incremental_prompt_and_completions(msgs[:n], [m["content"] for m in msgs[n:]])
+            return [(head, False)] + [(p, True) for p in pieces]
+
+        pieces = self._assembled(("dpo", len(completions), *(m["role"] for m in prompt)), messages, slow)
+        return pieces[0][0], [text for text, _ in pieces[1:]]
+
+    def incremental_prompt_and_completions(self, prompt: list[dict], completions: list[str]) -> tuple[str, list[str]]:
+        """:meth:`prompt_and_completions` by rendering the prompt and each prompt + completion."""
         head = self.render(prompt, add_generation_prompt=True)
         pieces = []
         for text in completions:

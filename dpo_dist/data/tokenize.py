@@ -5,27 +5,44 @@
   `max_prompt_length` first, then the responses are cut so prompt + response fits `max_length`.
 - Pretrain: each text + EOS, concatenated and cut into `max_length` blocks; the last, shorter block is kept.
 
+The pipeline streams: rows go from the source into an Arrow file a bounded batch at a time (validated on the way,
+dpo_dist.data.formats.RowStream), are tokenized in batches by `data.num_proc` processes into Arrow files
+(`datasets.Dataset.map`), and pretraining blocks are packed from those files as they fill. No step holds the corpus
+in Python memory.
+
 The cache key covers the data bytes, the format options, the tokenizer, the template and the lengths, so a
-second run with the same inputs reads the tokenized dataset from disk and does no tokenization.
+second run with the same inputs reads the tokenized dataset from disk and does no tokenization (dpo_dist.data.cache).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from datasets import Dataset, load_from_disk
+import pyarrow as pa
+import pyarrow.compute as pc
+from datasets import Dataset, concatenate_datasets
 
-from dpo_dist.data.formats import LoadResult, RowWarning, count_warnings, describe_warning_counts, read_source
+from dpo_dist.data import cache
+from dpo_dist.data.cache import cache_home, cache_root, tokenizer_fingerprint  # noqa: F401  (public here too)
+from dpo_dist.data.formats import RowStream, RowWarning, describe_warning_counts, count_warnings, no_rows_error
 from dpo_dist.data.render import Renderer
 
-CACHE_VERSION = "2"  # bump when the tokenized layout changes
 IGNORE = -100
 SKIPPED_LOG_MAX = 50  # skipped rows logged one per line; data_report.json lists every one
+ROWS_BATCH = 1000  # rows per Arrow record batch, and per tokenizer call
+SMALL_FILE_ROWS = 256  # below this many rows per process, spawning workers costs more than it saves
+
+_MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+ROW_SCHEMAS = {  # canonical rows (dpo_dist.data.converters) as Arrow
+    "sft": pa.schema([("messages", _MESSAGES), ("loc", pa.string())]),
+    "dpo": pa.schema([("prompt", _MESSAGES), ("chosen", pa.string()), ("rejected", pa.string()),
+                      ("loc", pa.string())]),
+    "pretrain": pa.schema([("text", pa.string()), ("loc", pa.string())]),
+}
+_IDS = pa.list_(pa.int32())
 
 
 @dataclass
@@ -35,82 +52,95 @@ class Prepared:
     from_cache: bool = False
 
 
-def cache_home() -> Path:
-    """Where dpo-dist keeps its caches: $DPO_DIST_CACHE, else ~/.cache/dpo_dist."""
-    return Path(os.environ.get("DPO_DIST_CACHE", Path.home() / ".cache" / "dpo_dist"))
-
-
-def cache_root() -> Path:
-    return cache_home() / "tokenized"
-
-
-def _hash_path(path: Path, h) -> None:
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    h = hashlib.sha256()
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update(backend.to_str().encode() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
-    h.update(repr(sorted(tokenizer.special_tokens_map.items())).encode())
-    return h.hexdigest()[:16]
-
-
-def _cache_key(source: str, options: dict, tokenizer, renderer: Renderer) -> str:
-    h = hashlib.sha256(CACHE_VERSION.encode())
-    path = Path(source)
-    if path.exists():
-        _hash_path(path, h)
-    else:  # a Hugging Face dataset: its name and split identify it (datasets keeps its own download cache)
-        h.update(source.encode())
-    h.update(json.dumps(options, sort_keys=True).encode())
-    h.update(tokenizer_fingerprint(tokenizer).encode())
-    h.update(renderer.fingerprint.encode())
-    return h.hexdigest()[:24]
-
-
-# --- per-row tokenizers (module level so datasets can pickle them for num_proc > 1) -----------------------------
+# --- tokenizers: batched (one tokenizer call per batch of rows); module level so datasets can pickle them -------
 
 
 def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def encode_sft(conversations: list[list[dict]], tokenizer, renderer: Renderer, max_length: int) -> list[dict]:
+    """Token ids and labels for each conversation; each segment of the template is tokenized on its own."""
+    segments = [renderer.segments(renderer.prepare(messages)) for messages in conversations]
+    ids = iter(_encode(tokenizer, [text for segs in segments for text, _ in segs]))
+    out = []
+    for segs in segments:
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for _, supervised in segs:
+            piece = next(ids)
+            input_ids += piece
+            labels += piece if supervised else [IGNORE] * len(piece)
+        truncated = len(input_ids) > max_length
+        out.append({"input_ids": input_ids[:max_length], "labels": labels[:max_length], "truncated": truncated})
+    return out
+
+
+def encode_dpo(rows: list[dict], tokenizer, renderer: Renderer, max_length: int, max_prompt_length: int) -> list[dict]:
+    texts = []
+    for row in rows:
+        prompt_text, completions = renderer.prompt_and_completions(renderer.prepare(row["prompt"]),
+                                                                   [row["chosen"], row["rejected"]])
+        texts += [prompt_text, *completions]
+    ids = _encode(tokenizer, texts)
+    out = []
+    for k in range(len(rows)):
+        prompt_ids, chosen_ids, rejected_ids = ids[3 * k: 3 * k + 3]
+        prompt_truncated = len(prompt_ids) > max_prompt_length
+        if prompt_truncated:
+            prompt_ids = prompt_ids[-max_prompt_length:]  # keep the end: the latest turn matters most
+        budget = max_length - len(prompt_ids)
+        response_truncated = len(chosen_ids) > budget or len(rejected_ids) > budget
+        out.append({
+            "prompt_ids": prompt_ids,
+            "chosen_ids": chosen_ids[:budget],
+            "rejected_ids": rejected_ids[:budget],
+            "truncated": prompt_truncated or response_truncated,
+            "prompt_truncated": prompt_truncated,
+        })
+    return out
+
+
 def tokenize_sft(row: dict, tokenizer, renderer: Renderer, max_length: int) -> dict:
-    input_ids: list[int] = []
-    labels: list[int] = []
-    for text, supervised in renderer.segments(renderer.prepare(row["messages"])):
-        ids = _ids(tokenizer, text)
-        input_ids += ids
-        labels += ids if supervised else [IGNORE] * len(ids)
-    truncated = len(input_ids) > max_length
-    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length], "truncated": truncated}
+    return encode_sft([row["messages"]], tokenizer, renderer, max_length)[0]
 
 
 def tokenize_dpo(row: dict, tokenizer, renderer: Renderer, max_length: int, max_prompt_length: int) -> dict:
-    prompt_text, (chosen_text, rejected_text) = renderer.prompt_and_completions(
-        renderer.prepare(row["prompt"]), [row["chosen"], row["rejected"]]
-    )
-    prompt_ids = _ids(tokenizer, prompt_text)
-    chosen_ids = _ids(tokenizer, chosen_text)
-    rejected_ids = _ids(tokenizer, rejected_text)
-    prompt_truncated = len(prompt_ids) > max_prompt_length
-    if prompt_truncated:
-        prompt_ids = prompt_ids[-max_prompt_length:]  # keep the end: the latest turn matters most
-    budget = max_length - len(prompt_ids)
-    response_truncated = len(chosen_ids) > budget or len(rejected_ids) > budget
-    return {
-        "prompt_ids": prompt_ids,
-        "chosen_ids": chosen_ids[:budget],
-        "rejected_ids": rejected_ids[:budget],
-        "truncated": prompt_truncated or response_truncated,
-        "prompt_truncated": prompt_truncated,
-    }
+    return encode_dpo([row], tokenizer, renderer, max_length, max_prompt_length)[0]
+
+
+def _columns(rows: list[dict], keys: list[str]) -> dict:
+    return {k: [r[k] for r in rows] for k in keys}
+
+
+def _sft_batch(batch: dict, tokenizer, renderer: Renderer, max_length: int) -> dict:
+    rows = encode_sft(batch["messages"], tokenizer, renderer, max_length)
+    # A row whose assistant tokens all fall past max_length teaches nothing; it is counted in the report.
+    keep = [k for k, r in enumerate(rows) if any(label != IGNORE for label in r["labels"])]
+    out = _columns([rows[k] for k in keep], ["input_ids", "labels", "truncated"])
+    out["loc"] = [batch["loc"][k] for k in keep]
+    return out
+
+
+def _dpo_batch(batch: dict, tokenizer, renderer: Renderer, max_length: int, max_prompt_length: int) -> dict:
+    rows = [{"prompt": p, "chosen": c, "rejected": r}
+            for p, c, r in zip(batch["prompt"], batch["chosen"], batch["rejected"])]
+    out = _columns(encode_dpo(rows, tokenizer, renderer, max_length, max_prompt_length),
+                   ["prompt_ids", "chosen_ids", "rejected_ids", "truncated", "prompt_truncated"])
+    out["loc"] = batch["loc"]
+    return out
+
+
+def _text_batch(batch: dict, tokenizer) -> dict:
+    ids = _encode(tokenizer, batch["text"])
+    if tokenizer.eos_token_id is not None:
+        for piece in ids:
+            piece.append(tokenizer.eos_token_id)  # documents are separated by EOS in the packed stream
+    return {"input_ids": ids}
 
 
 def prompt_budget(max_length: int, max_prompt_length: int | None) -> int:
@@ -149,20 +179,56 @@ def token_length_warnings(row: dict, kind: str, tokenizer, renderer: Renderer, m
     return out
 
 
-def tokenize_text(row: dict, tokenizer) -> dict:
-    ids = _ids(tokenizer, row["text"])
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)  # documents are separated by EOS in the packed stream
-    return {"input_ids": ids}
+class BlockPacker:
+    """Cuts a stream of token ids into ``block``-token blocks as it arrives: memory is one block plus one batch."""
+
+    def __init__(self, block: int):
+        self.block = block
+        self._carry = np.empty(0, dtype=np.int32)
+
+    def add(self, ids: np.ndarray) -> np.ndarray:
+        """Append ``ids``; return the blocks completed so far, as a [n, block] array."""
+        stream = np.concatenate([self._carry, ids.astype(np.int32, copy=False)])
+        full = len(stream) // self.block * self.block
+        self._carry = stream[full:]
+        return stream[:full].reshape(-1, self.block)
+
+    def finish(self) -> np.ndarray:
+        """The last, shorter block (kept), or an empty array."""
+        rest, self._carry = self._carry, np.empty(0, dtype=np.int32)
+        return rest
 
 
 def pack_blocks(token_lists: list[list[int]], block: int) -> list[list[int]]:
-    stream = np.fromiter((t for ids in token_lists for t in ids), dtype=np.int64)
-    return [stream[i : i + block].tolist() for i in range(0, len(stream), block)]
+    packer = BlockPacker(block)
+    blocks = [b.tolist() for ids in token_lists for b in packer.add(np.asarray(ids, dtype=np.int32))]
+    rest = packer.finish()
+    return blocks + ([rest.tolist()] if len(rest) else [])
+
+
+def _write_blocks(tokenized: Dataset, block: int, path: Path, progress) -> None:
+    """Pack the ``input_ids`` of ``tokenized`` into blocks, written to an Arrow file batch by batch."""
+    schema = pa.schema([("input_ids", _IDS), ("labels", _IDS)])
+    packer = BlockPacker(block)
+
+    def write(writer, blocks: list[np.ndarray]) -> None:
+        if not blocks:
+            return
+        lengths = np.array([len(b) for b in blocks], dtype=np.int32)
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        ids = pa.ListArray.from_arrays(offsets, pa.array(np.concatenate(blocks), pa.int32()))
+        writer.write_table(pa.table({"input_ids": ids, "labels": ids}, schema=schema))
+
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for table in tokenized.with_format("arrow").iter(batch_size=ROWS_BATCH):
+            flat = pc.list_flatten(table.column("input_ids")).to_numpy()
+            write(writer, list(packer.add(flat)))
+            progress(table.num_rows)
+        rest = packer.finish()
+        write(writer, [rest] if len(rest) else [])
 
 
 # --- entry point ---------------------------------------------------------------------------------------------------
-
 
 def _log_problems(source: str, skipped: list[str], warning_counts: dict[str, int], log) -> None:
     """One line per skipped row (capped; the data report has them all), then the warning counts."""
@@ -177,10 +243,134 @@ def _log_problems(source: str, skipped: list[str], warning_counts: dict[str, int
             f"({describe_warning_counts(warning_counts)}); `dpo-dist validate` lists them")
 
 
+def cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _num_proc(requested: int | None, rows: int) -> int | None:
-    n = requested if requested is not None else min(4, os.cpu_count() or 1)
-    n = min(n, max(1, rows // 256))  # spawning workers costs more than tokenizing a small file
+    n = requested if requested is not None else cores()
+    n = min(n, max(1, rows // SMALL_FILE_ROWS))  # spawning workers costs more than tokenizing a small file
     return n if n > 1 else None
+
+
+class _Progress:
+    """A tqdm bar when stderr is a terminal or progress is forced; a no-op otherwise."""
+
+    def __init__(self, desc: str, unit: str, show: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(desc=desc, unit=unit, unit_scale=True, disable=not show, mininterval=1.0)
+
+    def __call__(self, n: int) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _write_rows(stream: RowStream, kind: str, path: Path, max_rows: int | None, show: bool) -> int:
+    """Stream the usable rows into an Arrow file; every row is read (and checked) even past ``max_rows``."""
+    schema = ROW_SCHEMAS[kind]
+    written, batch = 0, []
+    progress = _Progress(f"Reading {Path(stream.source).name}", " rows", show)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for row in stream:
+            progress(1)
+            if max_rows is not None and written + len(batch) >= max_rows:
+                continue
+            batch.append(row)
+            if len(batch) == ROWS_BATCH:
+                writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+                written, batch = written + len(batch), []
+        if batch:
+            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+            written += len(batch)
+    progress.close()
+    return written
+
+
+def _list_tokens(ds: Dataset, column: str) -> int:
+    return int(pc.sum(pc.list_value_length(ds.data.column(column))).as_py() or 0)
+
+
+def _build(tmp: Path, kind: str, source: str, tokenizer, renderer: Renderer, *, max_length: int,
+           max_prompt_length: int | None, fmt: str, on_bad_row: str, split: str, max_rows: int | None,
+           num_proc: int | None, log, show_progress: bool) -> dict:
+    """Tokenize ``source`` into the directory ``tmp``; return the entry's report."""
+    started = time.time()
+    tmp.mkdir(parents=True)
+    stream = RowStream(source, kind, fmt=fmt, on_bad_row=on_bad_row, split=split)
+    n = _write_rows(stream, kind, tmp / "rows.arrow", max_rows, show_progress)
+    loaded = stream.result()
+    log(f"[data] {loaded.summary()}")
+    warning_counts = count_warnings(loaded.warnings)
+    _log_problems(source, [str(b) for b in loaded.skipped], warning_counts, log)
+    if not n:
+        raise no_rows_error(loaded)
+
+    raw = Dataset.from_file(str(tmp / "rows.arrow"))
+    common = dict(batched=True, batch_size=ROWS_BATCH, num_proc=_num_proc(num_proc, n), load_from_cache_file=False,
+                  cache_file_name=str(tmp / "tokens.arrow"), desc=f"Tokenizing {Path(source).name} ({kind})")
+    if kind == "sft":
+        ds = raw.map(_sft_batch, fn_kwargs=dict(tokenizer=tokenizer, renderer=renderer, max_length=max_length),
+                     remove_columns=raw.column_names, **common)
+    elif kind == "dpo":
+        ds = raw.map(_dpo_batch, fn_kwargs=dict(tokenizer=tokenizer, renderer=renderer, max_length=max_length,
+                                                max_prompt_length=max_prompt_length),
+                     remove_columns=raw.column_names, **common)
+    elif kind == "pretrain":
+        tok = raw.map(_text_batch, fn_kwargs=dict(tokenizer=tokenizer), remove_columns=raw.column_names, **common)
+        progress = _Progress(f"Packing {Path(source).name}", " docs", show_progress)
+        _write_blocks(tok, max_length, tmp / "blocks.arrow", progress)
+        progress.close()
+        ds = Dataset.from_file(str(tmp / "blocks.arrow"))
+    else:
+        raise ValueError(f"unknown data kind {kind!r}")
+
+    report = {
+        "source": source,
+        "format": loaded.fmt,
+        "rows": n,
+        "rows_read": loaded.n_rows,
+        "skipped": [str(b) for b in loaded.skipped],
+        "warnings": warning_counts,
+        "examples": len(ds),
+        "template": renderer.name,
+        "eot_token": renderer.eot_token,
+    }
+    if kind == "sft" and len(ds) < n:
+        report["no_supervised_tokens"] = n - len(ds)
+        log(f"[data] {source}: {n - len(ds)} of {n} rows left out: no assistant token falls within "
+            f"max_length={max_length} (`dpo-dist validate` lists the rows over max_length)")
+    if "truncated" in ds.column_names:
+        report["truncated"] = int(pc.sum(ds.data.column("truncated")).as_py() or 0)
+        if report["truncated"]:
+            log(f"[data] {source}: {report['truncated']} of {len(ds)} rows truncated to max_length={max_length}")
+    columns = ["input_ids"] if kind != "dpo" else ["prompt_ids", "chosen_ids", "rejected_ids"]
+    report["tokens"] = sum(_list_tokens(ds, c) for c in columns)
+    report["files"] = sorted({Path(f["filename"]).name for f in ds.cache_files})
+    del ds, raw
+    for name in ("rows.arrow", *(["tokens*.arrow"] if kind == "pretrain" else [])):
+        for f in tmp.glob(name):
+            f.unlink()
+    report["seconds"] = round(time.time() - started, 2)
+    return report
+
+
+def _load(entry: cache.Entry, report: dict) -> Dataset:
+    parts = [Dataset.from_file(str(entry.path / name)) for name in report["files"]]
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def summary_line(report: dict, path: Path) -> str:
+    """One line per source: rows, skipped, truncated, tokens, where, and how long it took."""
+    return (f"[data] {report['source']}: {report['rows']} rows, {len(report['skipped'])} skipped, "
+            f"{report.get('truncated', 0)} truncated, {report['tokens']} tokens -> {path} "
+            f"({report.get('seconds', 0):.1f} s)")
 
 
 def prepare_dataset(
@@ -197,66 +387,26 @@ def prepare_dataset(
     max_rows: int | None = None,
     num_proc: int | None = None,
     log=print,
+    wait_log=None,
+    show_progress: bool | None = None,
 ) -> Prepared:
+    """Tokenize ``source`` into the cache (or read it from there). ``wait_log`` gets the lines of a process that
+    waits while another builds the same entry (default ``log``); progress bars show when stderr is a terminal."""
     if kind == "dpo":
         max_prompt_length = prompt_budget(max_length, max_prompt_length)
     options = dict(kind=kind, fmt=fmt, on_bad_row=on_bad_row, split=split, max_rows=max_rows,
                    max_length=max_length, max_prompt_length=max_prompt_length)
-    key = _cache_key(source, options, tokenizer, renderer)
-    target = cache_root() / key
-    if (target / "report.json").is_file():
-        report = json.loads((target / "report.json").read_text())
-        log(f"[data] {source}: tokenized cache hit ({report['rows']} rows) at {target}")
+    entry = cache.Entry(cache.cache_key(source, options, tokenizer, renderer.fingerprint), source)
+    show = os.isatty(2) if show_progress is None else show_progress
+
+    def build(tmp: Path) -> dict:
+        return _build(tmp, kind, source, tokenizer, renderer, max_length=max_length,
+                      max_prompt_length=max_prompt_length, fmt=fmt, on_bad_row=on_bad_row, split=split,
+                      max_rows=max_rows, num_proc=num_proc, log=log, show_progress=show)
+
+    report, from_cache = entry.get(build, log=wait_log or log)
+    if from_cache:
+        log(f"[data] {source}: tokenized cache hit ({report['rows']} rows) at {entry.path}")
         _log_problems(source, report["skipped"], report.get("warnings", {}), log)
-        return Prepared(load_from_disk(str(target / "dataset")), report, from_cache=True)
-
-    loaded: LoadResult = read_source(source, kind, fmt=fmt, on_bad_row=on_bad_row, split=split)
-    log(f"[data] {loaded.summary()}")
-    warning_counts = count_warnings(loaded.warnings)
-    _log_problems(source, [str(b) for b in loaded.skipped], warning_counts, log)
-    rows = loaded.rows[:max_rows] if max_rows else loaded.rows
-    raw = Dataset.from_list(rows)
-    nproc = _num_proc(num_proc, len(rows))
-    common = dict(num_proc=nproc, desc=f"Tokenizing {Path(source).name} ({kind})")
-    if kind == "sft":
-        ds = raw.map(tokenize_sft, fn_kwargs=dict(tokenizer=tokenizer, renderer=renderer, max_length=max_length),
-                     remove_columns=["messages"], **common)
-    elif kind == "dpo":
-        ds = raw.map(tokenize_dpo, fn_kwargs=dict(tokenizer=tokenizer, renderer=renderer, max_length=max_length,
-                                                  max_prompt_length=max_prompt_length),
-                     remove_columns=["prompt", "chosen", "rejected"], **common)
-    elif kind == "pretrain":
-        tok = raw.map(tokenize_text, fn_kwargs=dict(tokenizer=tokenizer), remove_columns=["text"], **common)
-        blocks = pack_blocks(tok["input_ids"], max_length)
-        ds = Dataset.from_dict({"input_ids": blocks, "labels": blocks})
-    else:
-        raise ValueError(f"unknown data kind {kind!r}")
-
-    report = {
-        "source": source,
-        "format": loaded.fmt,
-        "rows": len(rows),
-        "rows_read": len(loaded.rows),
-        "skipped": [str(b) for b in loaded.skipped],
-        "warnings": warning_counts,
-        "examples": len(ds),
-        "template": renderer.name,
-        "eot_token": renderer.eot_token,
-    }
-    if "truncated" in ds.column_names:
-        report["truncated"] = int(sum(ds["truncated"]))
-        if report["truncated"]:
-            log(f"[data] {source}: {report['truncated']} of {len(ds)} rows truncated to max_length={max_length}")
-    lengths = [len(x) for x in ds["input_ids"]] if "input_ids" in ds.column_names else [
-        len(p) + len(c) + len(r) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
-    report["tokens"] = int(sum(lengths))
-
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    ds.save_to_disk(str(tmp / "dataset"))
-    (tmp / "report.json").write_text(json.dumps(report, indent=1))
-    try:
-        os.replace(tmp, target)  # atomic: a half-written cache entry is never read
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return Prepared(load_from_disk(str(target / "dataset")), report)
+    log(summary_line(report, entry.path))
+    return Prepared(_load(entry, report), report, from_cache=from_cache)

@@ -18,6 +18,9 @@ def sft_args(stage: StageConfig, profile: Profile, run_dir: Path, seed: int, wor
         **{**training_kwargs(stage, profile, run_dir, seed, world_size), **(overrides or {})},
         max_length=stage.max_length,
         packing=False,  # pretraining data is already packed into blocks; SFT rows keep their own masks
+        # Rows come tokenized, truncated and with labels (dpo_dist.data.tokenize). TRL's own preparation would map
+        # over every row again, on rank 0 alone while the other ranks wait in a collective, and drop rows silently.
+        dataset_kwargs={"skip_prepare_dataset": True},
     )
 
 
