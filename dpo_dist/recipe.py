@@ -63,7 +63,7 @@ class DataConfig:
     split: str = "train"
     on_bad_row: Literal["error", "skip"] = "error"
     max_rows: int | None = None  # use the first N rows (after validation)
-    num_proc: int | None = None  # tokenization processes; null = min(4, cpu count)
+    num_proc: int | None = None  # tokenization processes; null = the cores available (fewer for a small source)
 
     def check(self, where: str) -> None:
         if self.max_rows is not None and self.max_rows <= 0:

@@ -60,23 +60,37 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    """``tokenizer(texts, add_special_tokens=False)["input_ids"]``; for a fast tokenizer, straight from its Rust
+    backend, which skips building a BatchEncoding (tests/test_data_pipeline.py checks the ids are the same)."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is not None:
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 def encode_sft(conversations: list[list[dict]], tokenizer, renderer: Renderer, max_length: int) -> list[dict]:
-    """Token ids and labels for each conversation; each segment of the template is tokenized on its own."""
+    """Token ids and labels for each conversation; each segment of the template is tokenized on its own.
+    ``supervised`` says whether any assistant token falls within ``max_length``."""
     segments = [renderer.segments(renderer.prepare(messages)) for messages in conversations]
     ids = iter(_encode(tokenizer, [text for segs in segments for text, _ in segs]))
     out = []
     for segs in segments:
         input_ids: list[int] = []
         labels: list[int] = []
-        for _, supervised in segs:
+        supervised = False
+        for _, is_assistant in segs:
             piece = next(ids)
+            if is_assistant:
+                supervised = supervised or (piece and len(input_ids) < max_length)
+                labels += piece
+            else:
+                labels += [IGNORE] * len(piece)
             input_ids += piece
-            labels += piece if supervised else [IGNORE] * len(piece)
         truncated = len(input_ids) > max_length
-        out.append({"input_ids": input_ids[:max_length], "labels": labels[:max_length], "truncated": truncated})
+        out.append({"input_ids": input_ids[:max_length], "labels": labels[:max_length], "truncated": truncated,
+                    "supervised": bool(supervised)})
     return out
 
 
@@ -106,41 +120,46 @@ def encode_dpo(rows: list[dict], tokenizer, renderer: Renderer, max_length: int,
 
 
 def tokenize_sft(row: dict, tokenizer, renderer: Renderer, max_length: int) -> dict:
-    return encode_sft([row["messages"]], tokenizer, renderer, max_length)[0]
+    out = encode_sft([row["messages"]], tokenizer, renderer, max_length)[0]
+    del out["supervised"]
+    return out
 
 
 def tokenize_dpo(row: dict, tokenizer, renderer: Renderer, max_length: int, max_prompt_length: int) -> dict:
     return encode_dpo([row], tokenizer, renderer, max_length, max_prompt_length)[0]
 
 
-def _columns(rows: list[dict], keys: list[str]) -> dict:
-    return {k: [r[k] for r in rows] for k in keys}
+def _table(rows: list[dict], locs: list[str], columns: dict[str, pa.DataType]) -> pa.Table:
+    """Rows as an Arrow table with exact column types (cheaper than letting datasets infer them)."""
+    arrays = {name: pa.array([r[name] for r in rows], type=typ) for name, typ in columns.items()}
+    arrays["loc"] = pa.array(locs, type=pa.string())
+    return pa.table(arrays)
 
 
-def _sft_batch(batch: dict, tokenizer, renderer: Renderer, max_length: int) -> dict:
+_SFT_COLUMNS = {"input_ids": _IDS, "labels": _IDS, "truncated": pa.bool_()}
+_DPO_COLUMNS = {"prompt_ids": _IDS, "chosen_ids": _IDS, "rejected_ids": _IDS, "truncated": pa.bool_(),
+                "prompt_truncated": pa.bool_()}
+
+
+def _sft_batch(batch: dict, tokenizer, renderer: Renderer, max_length: int) -> pa.Table:
     rows = encode_sft(batch["messages"], tokenizer, renderer, max_length)
     # A row whose assistant tokens all fall past max_length teaches nothing; it is counted in the report.
-    keep = [k for k, r in enumerate(rows) if any(label != IGNORE for label in r["labels"])]
-    out = _columns([rows[k] for k in keep], ["input_ids", "labels", "truncated"])
-    out["loc"] = [batch["loc"][k] for k in keep]
-    return out
+    keep = [k for k, r in enumerate(rows) if r["supervised"]]
+    return _table([rows[k] for k in keep], [batch["loc"][k] for k in keep], _SFT_COLUMNS)
 
 
-def _dpo_batch(batch: dict, tokenizer, renderer: Renderer, max_length: int, max_prompt_length: int) -> dict:
+def _dpo_batch(batch: dict, tokenizer, renderer: Renderer, max_length: int, max_prompt_length: int) -> pa.Table:
     rows = [{"prompt": p, "chosen": c, "rejected": r}
             for p, c, r in zip(batch["prompt"], batch["chosen"], batch["rejected"])]
-    out = _columns(encode_dpo(rows, tokenizer, renderer, max_length, max_prompt_length),
-                   ["prompt_ids", "chosen_ids", "rejected_ids", "truncated", "prompt_truncated"])
-    out["loc"] = batch["loc"]
-    return out
+    return _table(encode_dpo(rows, tokenizer, renderer, max_length, max_prompt_length), batch["loc"], _DPO_COLUMNS)
 
 
-def _text_batch(batch: dict, tokenizer) -> dict:
+def _text_batch(batch: dict, tokenizer) -> pa.Table:
     ids = _encode(tokenizer, batch["text"])
     if tokenizer.eos_token_id is not None:
         for piece in ids:
             piece.append(tokenizer.eos_token_id)  # documents are separated by EOS in the packed stream
-    return {"input_ids": ids}
+    return pa.table({"input_ids": pa.array(ids, type=_IDS)})
 
 
 def prompt_budget(max_length: int, max_prompt_length: int | None) -> int:

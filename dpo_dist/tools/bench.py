@@ -29,7 +29,9 @@ MEDIAN_KEYS = ("real_tokens_per_s", "step_time_s", "padding_fraction", "peak_mem
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark dpo-dist against a plain TRL script on one workload (A B A B …)")
-    p.add_argument("--workload", choices=("dpo", "sft"), default="dpo")
+    p.add_argument("--workload", choices=("dpo", "sft", "data"), default="dpo",
+                   help="dpo or sft: training steps; data: preparing data (a plain datasets script against "
+                        "dpo-dist's prepare), see --data-rows")
     p.add_argument("--lengths", choices=("realistic", "uniform"), default="realistic",
                    help="realistic: long-tailed prompt/response lengths like UltraFeedback; uniform: all alike")
     p.add_argument("--micro-batch", type=int, default=4, metavar="N", help="pairs (dpo) or rows (sft) per micro-batch")
@@ -52,6 +54,12 @@ def add_parser(sub) -> None:
     p.add_argument("--no-logits", action="store_true", help="skip the logits micro-benchmark")
     p.add_argument("--json", nargs="?", const="-", metavar="FILE", help="write the results as JSON (- or no value: "
                    "stdout, with the table on stderr)")
+    p.add_argument("--data-rows", default="20000,100000", metavar="N,N",
+                   help="--workload data: the sizes to run, in rows (default 20000,100000)")
+    p.add_argument("--data-kinds", default="sft,pretrain", metavar="KINDS",
+                   help="--workload data: sft (Firefly multi-turn) and/or pretrain ({\"text\"}), comma-separated")
+    p.add_argument("--num-proc", type=int, metavar="N", help="--workload data: tokenization processes on both sides "
+                   "(default: the cores available, as data.num_proc)")
     p.add_argument("--work-dir", help="keep the model, data, runs and logs here (default: a temporary directory)")
     p.set_defaults(func=run)
 
@@ -353,6 +361,10 @@ def format_table(report: dict) -> str:
 
 
 def run(args) -> int:
+    if args.workload == "data":
+        from dpo_dist.tools import bench_prepare
+
+        return bench_prepare.run(args)
     for name in ("micro_batch", "grad_accum", "repeats"):
         if getattr(args, name) <= 0:
             print(f"error: --{name.replace('_', '-')} must be positive", file=sys.stderr)
