@@ -36,8 +36,9 @@ class Profile:
     optim: str | None = None  # null = the recipe's optimizer
     gradient_checkpointing: bool | None = None  # null = the recipe's setting
     # Seconds a collective may wait for the other ranks before the run fails with an error naming the step (a hung or
-    # dead rank). It must cover the longest wait of a healthy run: rank 0 tokenizing the data and the model download
-    # while the others wait, a step, an evaluation, a checkpoint save with its fsync.
+    # dead rank). It must cover the longest wait of a healthy run: the model download while the others wait, a step, an
+    # evaluation, a checkpoint save with its fsync. Tokenizing the data is not in it: the ranks that wait for a
+    # cache entry wait on the entry, not in a collective (dpo_dist.data.cache).
     collective_timeout_s: int = 1800
     source: str = ""  # the file it was read from
 

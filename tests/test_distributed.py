@@ -316,3 +316,27 @@ def test_ref_logps_cache_filled_under_sharding_matches_the_inline_reference(prof
             assert rel_diff(losses(tmp_path / "inline" / "dpo", key), losses(tmp_path / name / "dpo", key)) <= 1e-5, \
                 (name, key)
     assert losses(tmp_path / "first" / "dpo")[0] == pytest.approx(LN2, abs=1e-6)  # cached reference = adapter off
+
+
+# ---- tokenizing for longer than the collective timeout -----------------------------------------------------------
+
+def test_tokenizing_longer_than_the_collective_timeout_does_not_fail_the_run(tiny_base, tmp_path):
+    """One rank tokenizes; the other waits on the cache entry, not in a collective, so a 5 s collective timeout
+    does not end a run whose data takes longer than that to tokenize."""
+    from dpo_dist.tools.bench_prepare import write_file
+
+    profile = yaml.safe_load((ROOT / "launch" / "cpu-ddp-2.yaml").read_text())
+    profile_path = tmp_path / "cpu-ddp-2-timeout-5s.yaml"
+    profile_path.write_text(yaml.safe_dump({**profile, "collective_timeout_s": 5}))
+    sft = tmp_path / "sft.jsonl"
+    write_file(sft, "sft", 20000, seed=0)  # multi-turn Firefly rows: well over 5 s to tokenize on 2 cores
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_base, {"sft": str(sft)}, stages=("sft",), max_steps=2)
+    proc = run([BIN / "dpo-dist", "launch", recipe, "--profile", profile_path, "--master-port", "29623",
+                "stages.0.max_length=256"], env={"DPO_DIST_CACHE": str(tmp_path / "cache")})
+    report = json.loads((tmp_path / "runs" / "sft" / "data_report.json").read_text())["train"]
+    print(f"tokenizing took {report['seconds']} s under collective_timeout_s=5")
+    assert report["seconds"] > 5 and report["rows"] == 20000
+    waiting = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "waiting while rank" in ln]
+    assert len(waiting) == 1 and waiting[0].startswith("[rank "), waiting
+    s = check_sharded_run(tmp_path / "runs" / "sft", "ddp", 2)
+    assert s["global_step"] == 2 and s["data"]["rows"] == 20000

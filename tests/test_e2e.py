@@ -141,9 +141,20 @@ def test_simpo_loss_is_reference_free_and_trains(tiny_base, tmp_path, data):
     assert metrics[-1]["loss"] < metrics[0]["loss"]
 
 
-def test_chained_sft_then_dpo_starts_from_the_merged_sft_model(tiny_base, tmp_path, data):
+def test_chained_sft_then_dpo_starts_from_the_merged_sft_model(tiny_base, tmp_path, data, monkeypatch):
+    import dpo_dist.data.tokenize as tk
+    from dpo_dist.prepare import prepare_recipe
+
     recipe = make_recipe(tiny_base, tmp_path / "run", ["sft", "dpo"], data)
+    assert prepare_recipe(recipe, log=lambda *_: None) == 0  # `dpo-dist prepare`: the tokenizer only
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("training tokenized data that prepare had tokenized")
+
+    monkeypatch.setattr(tk, "_build", no_tokenizing)
     sft, dpo = run_recipe(recipe, PROFILE, log=lambda *_: None)
+    # Both stages, the chained DPO stage on the merged SFT model included, read what prepare wrote.
+    assert sft.summary["data"]["from_cache"] and dpo.summary["data"]["from_cache"]
     merged = sft.run_dir / "merged"
     assert sft.model_path == str(merged) and (merged / "model.safetensors").is_file()
     assert (merged / "tokenizer.json").is_file()

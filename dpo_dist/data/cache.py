@@ -186,9 +186,10 @@ class Entry:
             except FileNotFoundError:
                 return  # released: look again (claim it, or read the entry)
             if holder and holder.get("state") == "failed":
-                if holder.get("failed", 0) >= started - 1:
+                mine = (holder.get("host"), holder.get("pid")) == (_me()["host"], _me()["pid"])
+                if not mine and holder.get("failed", 0) >= started:  # failed while we waited: its error is ours
                     raise BuildFailed(f"{self.source}: tokenizing failed on {_who(holder)}: {holder.get('error')}")
-                self._take_over(f"an earlier build by {_who(holder)} failed", log)
+                self._take_over(f"an earlier build by {_who(holder)} failed ({holder.get('error')})", log)
                 return
             if age > STALE_S:
                 self._take_over(f"{_who(holder or {})} stopped updating its lock {age:.0f} s ago", log)

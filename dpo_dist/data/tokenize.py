@@ -27,7 +27,7 @@ from datasets import Dataset, concatenate_datasets
 
 from dpo_dist.data import cache
 from dpo_dist.data.cache import cache_home, cache_root, tokenizer_fingerprint  # noqa: F401  (public here too)
-from dpo_dist.data.formats import RowStream, RowWarning, describe_warning_counts, count_warnings, no_rows_error
+from dpo_dist.data.formats import DataError, RowStream, RowWarning, describe_warning_counts, count_warnings, no_rows_error
 from dpo_dist.data.render import Renderer
 
 IGNORE = -100
@@ -50,6 +50,7 @@ class Prepared:
     dataset: Dataset
     report: dict = field(default_factory=dict)  # rows, skipped rows, truncations, tokens
     from_cache: bool = False
+    path: Path | None = None  # the cache entry
 
 
 # --- tokenizers: batched (one tokenizer call per batch of rows); module level so datasets can pickle them -------
@@ -361,6 +362,9 @@ def _build(tmp: Path, kind: str, source: str, tokenizer, renderer: Renderer, *, 
         "template": renderer.name,
         "eot_token": renderer.eot_token,
     }
+    if kind == "sft" and not len(ds):
+        raise DataError(f"{source}: no row has an assistant token within max_length={max_length}; raise max_length "
+                        "(`dpo-dist validate` lists the rows over it)")
     if kind == "sft" and len(ds) < n:
         report["no_supervised_tokens"] = n - len(ds)
         log(f"[data] {source}: {n - len(ds)} of {n} rows left out: no assistant token falls within "
@@ -428,4 +432,4 @@ def prepare_dataset(
         log(f"[data] {source}: tokenized cache hit ({report['rows']} rows) at {entry.path}")
         _log_problems(source, report["skipped"], report.get("warnings", {}), log)
     log(summary_line(report, entry.path))
-    return Prepared(_load(entry, report), report, from_cache=from_cache)
+    return Prepared(_load(entry, report), report, from_cache=from_cache, path=entry.path)
