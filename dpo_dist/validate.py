@@ -117,13 +117,17 @@ def _length_warnings(rows: list[dict], kind: str, limits: LengthLimits, notes: l
     from dpo_dist.data.render import TemplateError
     from dpo_dist.data.tokenize import token_length_warnings
 
-    for row in rows:
-        try:
-            out += token_length_warnings(row, kind, limits.tokenizer, limits.renderer, limits.max_length,
-                                         limits.max_prompt_length)
-        except TemplateError as err:  # a template problem is the same for every row: say it once
-            notes.append(f"warning: token-length checks skipped at {row['loc']}: {_short(err)}")
-            return None
+    args = (kind, limits.tokenizer, limits.renderer, limits.max_length, limits.max_prompt_length)
+    try:
+        out += token_length_warnings(rows, *args)
+    except TemplateError:  # a template problem is the same for every row: say it once, at the first row it hits
+        for row in rows:
+            try:
+                out += token_length_warnings([row], *args)
+            except TemplateError as err:
+                notes.append(f"warning: token-length checks skipped at {row['loc']}: {_short(err)}")
+                break
+        return None
     return limits
 
 

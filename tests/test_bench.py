@@ -103,3 +103,23 @@ def test_sft_workload_runs_and_is_honest(tmp_path):
     assert report["same_work"]["rows"]["token_counts_agree"], report["same_work"]["rows"]
     assert report["runs"]["A"][0]["trainer_class"] == "SFTTrainer"
     assert _positive(report["ratio_real_tokens_per_s"])
+
+
+def test_data_workload_reports_both_sizes_and_kinds_with_the_same_work(tmp_path):
+    report, output = _bench(tmp_path, "--workload", "data", "--data-rows", "300,600", "--repeats", "1",
+                            "--num-proc", "2")
+    assert report["command"].startswith("dpo-dist bench --workload data --data-rows 300,600")
+    assert [(r["kind"], r["rows"]) for r in report["results"]] == [("sft", 300), ("sft", 600), ("pretrain", 300),
+                                                                   ("pretrain", 600)]
+    for r in report["results"]:
+        assert r["same_work"]["equal"], r["same_work"]
+        for side in ("A", "B"):
+            assert all(_positive(r["medians"][side][k]) for k in ("rows_per_s", "tokens_per_s", "peak_tree_rss_mib",
+                                                                   "peak_tree_anon_mib"))
+        assert r["ratios"]["rows_per_s"] == pytest.approx(r["medians"]["B"]["rows_per_s"] /
+                                                          r["medians"]["A"]["rows_per_s"])
+        if r["kind"] == "sft":
+            assert r["tokens"]["B"] > r["tokens"]["A"]  # B's rows carry the chat template's tokens too
+    assert set(report["growth"]) == {"sft", "pretrain"}
+    assert report["growth"]["sft"]["at_1m_rows"]["rows"] == 1_000_000
+    assert "extrapolated to 1M rows" in output and "B/A" in output

@@ -56,10 +56,6 @@ class Prepared:
 # --- tokenizers: batched (one tokenizer call per batch of rows); module level so datasets can pickle them -------
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     """``tokenizer(texts, add_special_tokens=False)["input_ids"]``; for a fast tokenizer, straight from its Rust
     backend, which skips building a BatchEncoding (tests/test_data_pipeline.py checks the ids are the same)."""
@@ -71,28 +67,34 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def encode_sft(conversations: list[list[dict]], tokenizer, renderer: Renderer, max_length: int) -> list[dict]:
-    """Token ids and labels for each conversation; each segment of the template is tokenized on its own.
-    ``supervised`` says whether any assistant token falls within ``max_length``."""
+def encode_sft(conversations: list[list[dict]], tokenizer, renderer: Renderer, max_length: int) -> pa.Table:
+    """Token ids and labels for each conversation, as an Arrow table (input_ids, labels, truncated, supervised).
+
+    Each segment of the template is tokenized on its own; the rows are then assembled with array operations, so no
+    Python work is done per token. ``supervised``: some assistant token falls within ``max_length``."""
     segments = [renderer.segments(renderer.prepare(messages)) for messages in conversations]
-    ids = iter(_encode(tokenizer, [text for segs in segments for text, _ in segs]))
-    out = []
-    for segs in segments:
-        input_ids: list[int] = []
-        labels: list[int] = []
-        supervised = False
-        for _, is_assistant in segs:
-            piece = next(ids)
-            if is_assistant:
-                supervised = supervised or (piece and len(input_ids) < max_length)
-                labels += piece
-            else:
-                labels += [IGNORE] * len(piece)
-            input_ids += piece
-        truncated = len(input_ids) > max_length
-        out.append({"input_ids": input_ids[:max_length], "labels": labels[:max_length], "truncated": truncated,
-                    "supervised": bool(supervised)})
-    return out
+    pieces = pa.array(_encode(tokenizer, [text for segs in segments for text, _ in segs]), type=_IDS)
+    values = pieces.values.to_numpy(zero_copy_only=False)
+    offsets = pieces.offsets.to_numpy()
+    is_assistant = np.fromiter((sup for segs in segments for _, sup in segs), dtype=bool, count=len(pieces))
+    labels = np.where(np.repeat(is_assistant, np.diff(offsets)), values, IGNORE).astype(np.int32)
+    # Token offsets of each row: its segments are consecutive.
+    row_offsets = offsets[np.concatenate([[0], np.cumsum([len(segs) for segs in segments])])]
+    lengths = np.diff(row_offsets)
+    kept = np.minimum(lengths, max_length)
+    starts = np.concatenate([[0], np.cumsum(kept)])
+    take = np.repeat(row_offsets[:-1] - starts[:-1], kept) + np.arange(starts[-1])  # the first max_length tokens
+    kept_labels = labels[take]
+    out_offsets = pa.array(starts.astype(np.int32))
+    supervised = np.zeros(len(segments), dtype=bool)
+    has_tokens = kept > 0
+    supervised[has_tokens] = np.add.reduceat(kept_labels != IGNORE, starts[:-1][has_tokens]) > 0
+    return pa.table({
+        "input_ids": pa.ListArray.from_arrays(out_offsets, pa.array(values[take], pa.int32())),
+        "labels": pa.ListArray.from_arrays(out_offsets, pa.array(kept_labels, pa.int32())),
+        "truncated": pa.array(lengths > max_length),
+        "supervised": pa.array(supervised),
+    })
 
 
 def encode_dpo(rows: list[dict], tokenizer, renderer: Renderer, max_length: int, max_prompt_length: int) -> list[dict]:
@@ -121,9 +123,7 @@ def encode_dpo(rows: list[dict], tokenizer, renderer: Renderer, max_length: int,
 
 
 def tokenize_sft(row: dict, tokenizer, renderer: Renderer, max_length: int) -> dict:
-    out = encode_sft([row["messages"]], tokenizer, renderer, max_length)[0]
-    del out["supervised"]
-    return out
+    return encode_sft([row["messages"]], tokenizer, renderer, max_length).drop(["supervised"]).to_pylist()[0]
 
 
 def tokenize_dpo(row: dict, tokenizer, renderer: Renderer, max_length: int, max_prompt_length: int) -> dict:
@@ -137,16 +137,15 @@ def _table(rows: list[dict], locs: list[str], columns: dict[str, pa.DataType]) -
     return pa.table(arrays)
 
 
-_SFT_COLUMNS = {"input_ids": _IDS, "labels": _IDS, "truncated": pa.bool_()}
 _DPO_COLUMNS = {"prompt_ids": _IDS, "chosen_ids": _IDS, "rejected_ids": _IDS, "truncated": pa.bool_(),
                 "prompt_truncated": pa.bool_()}
 
 
 def _sft_batch(batch: dict, tokenizer, renderer: Renderer, max_length: int) -> pa.Table:
-    rows = encode_sft(batch["messages"], tokenizer, renderer, max_length)
+    table = encode_sft(batch["messages"], tokenizer, renderer, max_length).append_column(
+        "loc", pa.array(batch["loc"], pa.string()))
     # A row whose assistant tokens all fall past max_length teaches nothing; it is counted in the report.
-    keep = [k for k, r in enumerate(rows) if r["supervised"]]
-    return _table([rows[k] for k in keep], [batch["loc"][k] for k in keep], _SFT_COLUMNS)
+    return table.filter(table.column("supervised")).drop(["supervised"])
 
 
 def _dpo_batch(batch: dict, tokenizer, renderer: Renderer, max_length: int, max_prompt_length: int) -> pa.Table:
@@ -168,34 +167,43 @@ def prompt_budget(max_length: int, max_prompt_length: int | None) -> int:
     return max_length // 2 if max_prompt_length is None else max_prompt_length
 
 
-def token_length_warnings(row: dict, kind: str, tokenizer, renderer: Renderer, max_length: int,
+def token_length_warnings(rows: list[dict], kind: str, tokenizer, renderer: Renderer, max_length: int,
                           max_prompt_length: int | None = None) -> list[RowWarning]:
-    """Warnings for a canonical row that tokenization would truncate (same lengths as tokenize_sft/_dpo)."""
-    loc = row.get("loc", "?")
+    """Warnings for the canonical rows that tokenization would truncate (same lengths as encode_sft/_dpo), with one
+    tokenizer call for the whole batch."""
     if kind == "sft":
-        n = sum(len(_ids(tokenizer, text)) for text, _ in renderer.segments(renderer.prepare(row["messages"])))
-        if n > max_length:
-            return [RowWarning(loc, "row", "sft_too_long",
-                               f"row is {n} tokens, over max_length={max_length} (it will be truncated)")]
-        return []
+        segments = [renderer.segments(renderer.prepare(row["messages"])) for row in rows]
+        lengths = iter([len(ids) for ids in _encode(tokenizer, [text for segs in segments for text, _ in segs])])
+        out = []
+        for row, segs in zip(rows, segments):
+            n = sum(next(lengths) for _ in segs)
+            if n > max_length:
+                out.append(RowWarning(row.get("loc", "?"), "row", "sft_too_long",
+                                      f"row is {n} tokens, over max_length={max_length} (it will be truncated)"))
+        return out
     if kind != "dpo":
         return []  # pretraining text is packed into blocks: nothing is cut
     max_prompt_length = prompt_budget(max_length, max_prompt_length)
-    prompt_text, completions = renderer.prompt_and_completions(
-        renderer.prepare(row["prompt"]), [row["chosen"], row["rejected"]])
-    prompt = len(_ids(tokenizer, prompt_text))
+    texts = []
+    for row in rows:
+        prompt_text, completions = renderer.prompt_and_completions(renderer.prepare(row["prompt"]),
+                                                                   [row["chosen"], row["rejected"]])
+        texts += [prompt_text, *completions]
+    lengths = [len(ids) for ids in _encode(tokenizer, texts)]
     out = []
-    if prompt > max_prompt_length:
-        out.append(RowWarning(loc, "prompt", "prompt_too_long",
-                              f"prompt is {prompt} tokens, longer than max_prompt_length={max_prompt_length} "
-                              "(it will be truncated from the left)"))
-    kept = min(prompt, max_prompt_length)
-    (chosen, rejected) = (len(_ids(tokenizer, text)) for text in completions)
-    side, longest = ("chosen", chosen) if chosen >= rejected else ("rejected", rejected)
-    if kept + longest > max_length:
-        out.append(RowWarning(loc, side, "response_truncated",
-                              f"prompt + {side} response is {kept + longest} tokens, over max_length={max_length} "
-                              f"(the response will be cut to {max_length - kept} tokens)"))
+    for k, row in enumerate(rows):
+        loc = row.get("loc", "?")
+        prompt, chosen, rejected = lengths[3 * k: 3 * k + 3]
+        if prompt > max_prompt_length:
+            out.append(RowWarning(loc, "prompt", "prompt_too_long",
+                                  f"prompt is {prompt} tokens, longer than max_prompt_length={max_prompt_length} "
+                                  "(it will be truncated from the left)"))
+        kept = min(prompt, max_prompt_length)
+        side, longest = ("chosen", chosen) if chosen >= rejected else ("rejected", rejected)
+        if kept + longest > max_length:
+            out.append(RowWarning(loc, side, "response_truncated",
+                                  f"prompt + {side} response is {kept + longest} tokens, over max_length="
+                                  f"{max_length} (the response will be cut to {max_length - kept} tokens)"))
     return out
 
 
@@ -298,8 +306,9 @@ def _write_rows(stream: RowStream, kind: str, path: Path, max_rows: int | None, 
     written, batch = 0, []
     progress = _Progress(f"Reading {Path(stream.source).name}", " rows", show)
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        for row in stream:
-            progress(1)
+        for read, row in enumerate(stream, 1):
+            if read % ROWS_BATCH == 0:
+                progress(ROWS_BATCH)
             if max_rows is not None and written + len(batch) >= max_rows:
                 continue
             batch.append(row)

@@ -6,8 +6,8 @@
   the qwen template rendered, label masks built (SFT), or blocks packed (pretraining), written to the cache.
 
 Both run on the same generated file, at each requested size, interleaved A B A B, each in a fresh process with its
-own empty caches. The parent samples the resident memory of each child's whole process tree (its tokenization
-workers included) every 20 ms and keeps the peak.
+own empty caches. The parent samples the memory of each child's whole process tree (its tokenization workers
+included) every 20 ms and keeps the peaks: RSS, and its anonymous part (RSS less the pages of memory-mapped files).
 """
 from __future__ import annotations
 
@@ -118,19 +118,37 @@ def worker(spec_path: str, out_path: str) -> int:
     return 0
 
 
-def _tree_rss(proc) -> int:
+def _tree_memory(proc) -> tuple[int, int]:
+    """(RSS, anonymous RSS) in bytes, summed over ``proc`` and its descendants. RSS includes the pages of the
+    memory-mapped Arrow files, which the kernel can drop at any time; the anonymous part is the memory that really
+    has to fit (on Linux, from /proc; elsewhere it is reported as the RSS)."""
     import psutil
 
-    total = 0
+    rss = anon = 0
     try:
-        for p in [proc, *proc.children(recursive=True)]:
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                pass
+        procs = [proc, *proc.children(recursive=True)]
     except psutil.Error:
+        return 0, 0
+    for p in procs:
+        try:
+            rss += p.memory_info().rss
+            anon += _anon_rss(p.pid)
+        except (psutil.Error, OSError):
+            pass
+    return rss, anon
+
+
+def _anon_rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
         pass
-    return total
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss  # no /proc: count it all
 
 
 def side_run(spec: dict, work: Path, tag: str) -> dict:
@@ -142,15 +160,17 @@ def side_run(spec: dict, work: Path, tag: str) -> dict:
     with open(log, "w") as fh:
         child = subprocess.Popen([sys.executable, "-m", "dpo_dist.tools.bench_prepare", str(spec_path), str(out)],
                                  stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(work))
-        proc, peak = psutil.Process(child.pid), 0
+        proc, peak, peak_anon = psutil.Process(child.pid), 0, 0
         while child.poll() is None:
-            peak = max(peak, _tree_rss(proc))
+            rss, anon = _tree_memory(proc)
+            peak, peak_anon = max(peak, rss), max(peak_anon, anon)
             time.sleep(0.02)
     if child.returncode != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
         raise RuntimeError(f"side {spec['side']} run {tag} failed (exit {child.returncode}); {log}:\n{tail}")
     result = json.loads(out.read_text())
     result["peak_tree_rss_mib"] = peak / 2**20
+    result["peak_tree_anon_mib"] = peak_anon / 2**20
     result["rows_per_s"] = result["rows"] / result["seconds"]
     result["tokens_per_s"] = result["tokens"] / result["seconds"]
     return result
@@ -159,7 +179,7 @@ def side_run(spec: dict, work: Path, tag: str) -> dict:
 # ---- the command --------------------------------------------------------------------------------------------------
 
 FIGURES = (("rows/s", "rows_per_s"), ("tokens/s", "tokens_per_s"), ("seconds", "seconds"),
-           ("peak tree RSS (MiB)", "peak_tree_rss_mib"))
+           ("peak tree RSS (MiB)", "peak_tree_rss_mib"), ("peak tree anon RSS (MiB)", "peak_tree_anon_mib"))
 
 
 def bench_prepare(args) -> dict:
@@ -199,6 +219,7 @@ def bench_prepare(args) -> dict:
                 "kind": kind, "rows": rows, "mib": round(facts["bytes"] / 2**20, 1), "medians": med,
                 "ratios": {key: med["B"][key] / med["A"][key] for _, key in FIGURES},
                 "tokens": {side: runs[side][0]["tokens"] for side in runs},
+                "same_work": same_work(kind, runs),
                 "runs": runs,
             })
     report["growth"] = growth(report["results"])
@@ -210,9 +231,20 @@ def bench_prepare(args) -> dict:
     return report
 
 
+def same_work(kind: str, runs: dict[str, list[dict]]) -> dict:
+    """Both sides read every row; for pretraining, B's tokens are A's plus the one EOS B puts after each document
+    (SFT: B's include the template's, so only the rows can be compared)."""
+    a, b = runs["A"][0], runs["B"][0]
+    out = {"rows_a": a["rows"], "rows_b": b["rows"], "equal": a["rows"] == b["rows"]}
+    if kind == "pretrain":
+        out["equal"] = out["equal"] and b["tokens"] == a["tokens"] + a["rows"]
+        out["check"] = "B tokens = A tokens + one EOS per document"
+    return out
+
+
 def growth(results: list[dict]) -> dict:
-    """Per kind, from the smallest and the largest size: B's peak-memory ratio, and a straight-line extrapolation
-    of B's time (seconds per row, after the fixed start-up cost) and memory."""
+    """Per kind, from the smallest and the largest size: B's peak-memory ratio, and a straight line through B's time
+    and memory (a fixed start-up part plus a part per row), extrapolated to 1M rows and to a 10 GiB file."""
     out = {}
     for kind in {r["kind"] for r in results}:
         of_kind = sorted((r for r in results if r["kind"] == kind), key=lambda r: r["rows"])
@@ -220,13 +252,20 @@ def growth(results: list[dict]) -> dict:
             continue
         small, large = of_kind[0], of_kind[-1]
         b0, b1 = small["medians"]["B"], large["medians"]["B"]
-        per_row_s = (b1["seconds"] - b0["seconds"]) / (large["rows"] - small["rows"])
-        per_row_mib = (b1["peak_tree_rss_mib"] - b0["peak_tree_rss_mib"]) / (large["rows"] - small["rows"])
+        extra = large["rows"] - small["rows"]
+        line = {key: ((b1[key] - b0[key]) / extra, b0[key] - (b1[key] - b0[key]) / extra * small["rows"])
+                for key in ("seconds", "peak_tree_rss_mib", "peak_tree_anon_mib")}  # (per row, at 0 rows)
         mib_per_row = large["mib"] / large["rows"]
+
+        def at(rows: float) -> dict:
+            return {"rows": round(rows), **{key: slope * rows + start for key, (slope, start) in line.items()}}
+
         out[kind] = {"rows": [small["rows"], large["rows"]],
                      "peak_rss_ratio_large_over_small": b1["peak_tree_rss_mib"] / b0["peak_tree_rss_mib"],
-                     "seconds_per_1k_rows": per_row_s * 1000, "rss_mib_per_1k_rows": per_row_mib * 1000,
-                     "file_mib_per_1k_rows": mib_per_row * 1000}
+                     "peak_anon_ratio_large_over_small": b1["peak_tree_anon_mib"] / b0["peak_tree_anon_mib"],
+                     "per_1k_rows": {key: slope * 1000 for key, (slope, _) in line.items()},
+                     "file_mib_per_1k_rows": mib_per_row * 1000,
+                     "at_1m_rows": at(1e6), "at_10_gib_file": at(10 * 1024 / mib_per_row)}
     return out
 
 
@@ -244,12 +283,20 @@ def format_table(report: dict) -> str:
             head = f"{r['kind']:<9}{r['rows']:>8}{r['mib']:>7.1f}  " if i == 0 else " " * 26
             a, b = r["medians"]["A"][key], r["medians"]["B"][key]
             lines.append(f"{head}{label:<22}{a:>13,.1f}{b:>13,.1f}{r['ratios'][key]:>7.2f}")
-        lines.append(f"{'':26}tokens: A {r['tokens']['A']:,} / B {r['tokens']['B']:,} (B adds the template's tokens)")
-    for kind, g in report["growth"].items():
+        work = r["same_work"]
+        lines.append(f"{'':26}tokens: A {r['tokens']['A']:,} / B {r['tokens']['B']:,}; rows A {work['rows_a']:,} / "
+                     f"B {work['rows_b']:,}; {work.get('check', 'B adds the template tokens')} → "
+                     f"{'same work' if work['equal'] else 'NOT the same work'}")
+    for kind, g in sorted(report["growth"].items()):
+        per = g["per_1k_rows"]
         lines.append(f"{kind}: B's peak RSS at {g['rows'][1]:,} rows is {g['peak_rss_ratio_large_over_small']:.2f}× "
-                     f"that at {g['rows'][0]:,}; B takes {g['seconds_per_1k_rows']:.2f} s and "
-                     f"{g['rss_mib_per_1k_rows']:+.2f} MiB of peak RSS per 1,000 more rows "
-                     f"({g['file_mib_per_1k_rows']:.2f} MiB of file)")
+                     f"that at {g['rows'][0]:,} (anonymous: {g['peak_anon_ratio_large_over_small']:.2f}×); per 1,000 "
+                     f"more rows ({g['file_mib_per_1k_rows']:.2f} MiB of file) B takes {per['seconds']:.2f} s more, "
+                     f"{per['peak_tree_rss_mib']:+.2f} MiB RSS, {per['peak_tree_anon_mib']:+.2f} MiB anonymous")
+        for label, key in (("1M rows", "at_1m_rows"), ("a 10 GiB file", "at_10_gib_file")):
+            x = g[key]
+            lines.append(f"  extrapolated to {label} ({x['rows']:,} rows): {x['seconds'] / 60:,.0f} min, peak RSS "
+                         f"{x['peak_tree_rss_mib'] / 1024:.1f} GiB, anonymous {x['peak_tree_anon_mib'] / 1024:.1f} GiB")
     return "\n".join(lines)
 
 
@@ -279,7 +326,7 @@ def run(args) -> int:
             Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
             progress(f"results written to {args.json}")
     progress(f"finished in {report['wall_s']:.0f} s")
-    return 0
+    return 0 if all(r["same_work"]["equal"] for r in report["results"]) else 1
 
 
 if __name__ == "__main__":
