@@ -328,3 +328,24 @@ def test_prepare_tokenizes_every_stage_and_source_with_one_line_each(tiny_base, 
     assert main(["prepare", str(recipe), f"stages.1.data.train={bad}"]) == 1
     assert capsys.readouterr().err.strip() == f"error: {bad}:1: row: invalid JSON: Expecting property name " \
                                               "enclosed in double quotes at column 2"
+
+
+def test_a_json_array_streams_item_by_item_across_chunks(tmp_path, monkeypatch):
+    import dpo_dist.data.formats as formats
+
+    rows = [{"conversation": [{"human": f"q {i} ünï", "assistant": "a " * (i % 7 + 1)}]} for i in range(40)]
+    src = tmp_path / "sft.json"
+    src.write_text("[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n]\n", encoding="utf-8")
+    monkeypatch.setattr(formats, "_CHUNK", 7)  # items and multi-byte characters are cut between reads
+    stream = iter(RowStream(str(src), "sft"))
+    first = next(stream)  # before the rest of the file is read
+    assert first["loc"] == f"{src}#row 0" and first["messages"][0]["content"] == "q 0 ünï"
+    assert [r["loc"] for r in stream] == [f"{src}#row {i}" for i in range(1, 40)]
+    # A truncated array past the line limit: the line where the parse stopped, without reading the file whole.
+    src.write_text("[\n" + ",\n".join(json.dumps(r) for r in rows[:3]) + ",\n{\"conversation\": [", encoding="utf-8")
+    monkeypatch.setenv("DPO_DIST_MAX_LINE_BYTES", "64")
+    with pytest.raises(DataError, match=rf"^{src}:5: row: invalid JSON: an item does not parse$"):
+        list(RowStream(str(src), "sft"))
+    monkeypatch.delenv("DPO_DIST_MAX_LINE_BYTES")  # under the limit: json's own message for the whole text
+    with pytest.raises(DataError, match=rf"^{src}:5: row: invalid JSON: Expecting value at column 19$"):
+        list(RowStream(str(src), "sft"))

@@ -277,42 +277,112 @@ def _first_byte(path: Path) -> tuple[bytes, bool]:
 def _iter_json(path: Path, name: str) -> Records:
     """A JSON array of objects, or (anything else) JSON lines."""
     head, bom = _first_byte(path)
+    if head == b"[":
+        return _iter_json_array(path, name, bom)
     # JSON lines are streamed; only a file small enough to be one line is checked for
     # being a single multi-line object, so a huge file is never read whole for that.
-    if head not in (b"[", b"{") or (head == b"{" and path.stat().st_size > max_line_bytes()):
+    if head != b"{" or path.stat().st_size > max_line_bytes():
         return _iter_jsonl(path, name)
     data = path.read_bytes()
     if bom:
         data = data[len(codecs.BOM_UTF8):]
     try:
         text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        if head == b"{":
-            return _iter_jsonl(path, name)
-        line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{name}:{line}: row: not valid UTF-8: byte 0x{data[e.start]:02x}") from None
-    if head == b"{":
-        if "\n" in text.strip():
-            try:
-                if isinstance(json.loads(text), dict):
-                    raise DataError(f"{name}: holds a single multi-line JSON object; expected "
-                                    "a JSON array of objects or JSON lines (one object a line)")
-            except json.JSONDecodeError:
-                pass
+    except UnicodeDecodeError:
         return _iter_jsonl(path, name)
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{name}:{e.lineno}: row: invalid JSON: {e.msg} "
-                        f"at column {e.colno}") from None
-    return _array_records(items, name, bom)
+    if "\n" in text.strip():
+        try:
+            if isinstance(json.loads(text), dict):
+                raise DataError(f"{name}: holds a single multi-line JSON object; expected "
+                                "a JSON array of objects or JSON lines (one object a line)")
+        except json.JSONDecodeError:
+            pass
+    return _iter_jsonl(path, name)
 
 
-def _array_records(items: list, name: str, bom: bool) -> Records:
+def _array_error(path: Path, name: str, bom: bool, line: int, what: str) -> DataError:
+    """The error for a JSON array that does not parse. For a file up to the line limit, json's own message for the
+    whole text (line and column exact); past it, the line where the streaming parse stopped."""
+    if path.stat().st_size <= max_line_bytes():
+        data = path.read_bytes()[len(codecs.BOM_UTF8) if bom else 0:]
+        try:
+            json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            return DataError(f"{name}:{line}: row: not valid UTF-8: byte 0x{data[e.start]:02x}")
+        except json.JSONDecodeError as e:
+            return DataError(f"{name}:{e.lineno}: row: invalid JSON: {e.msg} at column {e.colno}")
+    return DataError(f"{name}:{line}: row: invalid JSON: {what}")
+
+
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _iter_json_array(path: Path, name: str, bom: bool) -> Records:
+    """The items of a top-level JSON array, decoded one at a time from a window of the file, never the whole text:
+    an array of millions of rows streams like JSON lines."""
     if bom:
         yield f"{name}#row 0", _bom_warning(f"{name}#row 0")
-    for i, item in enumerate(items):
-        yield f"{name}#row {i}", item
+    decoder = json.JSONDecoder()
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as f:
+        if bom:
+            f.read(len(codecs.BOM_UTF8))
+        buf, pos, line, eof = "", 0, 1, False  # line: the line number of buf[0]
+
+        def fill() -> None:
+            nonlocal buf, pos, line, eof
+            chunk = f.read(_CHUNK)
+            eof = not chunk
+            try:
+                text = utf8.decode(chunk, final=eof)
+            except UnicodeDecodeError:
+                raise _array_error(path, name, bom, line + buf.count("\n"), "not valid UTF-8") from None
+            line += buf.count("\n", 0, pos)
+            buf, pos = buf[pos:] + text, 0
+
+        def skip_ws() -> None:
+            nonlocal pos
+            while True:
+                pos = _WS.match(buf, pos).end()
+                if pos < len(buf) or eof:
+                    return
+                fill()
+
+        def fail(what: str) -> DataError:
+            return _array_error(path, name, bom, line + buf.count("\n", 0, pos), what)
+
+        fill()
+        skip_ws()
+        pos += 1  # the "[" that _first_byte found
+        i = 0
+        while True:
+            skip_ws()
+            if pos >= len(buf):
+                raise fail("the array is not closed (truncated file?)")
+            if buf[pos] == "]":
+                pos += 1
+                skip_ws()
+                if pos < len(buf):
+                    raise fail("extra data after the array")
+                return
+            if i:
+                if buf[pos] != ",":
+                    raise fail("expecting ',' between items")
+                pos += 1
+                skip_ws()
+            while True:  # one item, which may continue in the next chunk
+                try:
+                    item, end = decoder.raw_decode(buf, pos)
+                    if end < len(buf) or eof:
+                        break
+                except json.JSONDecodeError:
+                    if eof:
+                        raise fail("an item does not parse") from None
+                fill()
+            yield f"{name}#row {i}", item
+            i += 1
+            pos = end
 
 
 def _iter_parquet(path: Path, name: str) -> Records:
