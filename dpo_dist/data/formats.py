@@ -44,6 +44,8 @@ _FILE_EXTS = (".jsonl", ".json", ".parquet")
 _DIR_EXTS = _FILE_EXTS + (".txt",)
 _HF_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 _LOC = re.compile(r"(.*)(?::(\d+)|#row (\d+))")
+_TRAILING_NUMBER = re.compile(r"\d{1,15}$")  # a loc's line or row number
+_NUMBER_BITS = 50
 _SUMMARY_MAX = 10
 MAX_LINE_ENV = "DPO_DIST_MAX_LINE_BYTES"
 _DEFAULT_MAX_LINE = 64 << 20
@@ -553,7 +555,11 @@ class _Reader:
         self.skipped: list[BadRow] = []
         self.warnings: list[RowWarning] = []
         self.formats: list[str] = []
-        self._seen: dict[int, str] = {}            # 8-byte content digest -> first loc
+        # Duplicate detection keeps one entry per row: an 8-byte content digest -> where the row was first seen,
+        # packed into one int (the loc's prefix, interned, and its trailing line or row number).
+        self._seen: dict[int, int] = {}
+        self._prefixes: dict[str, int] = {}
+        self._prefix_list: list[str] = []
         self._unknown: dict[str, list] = {}        # ignored key -> [first loc, rows]
 
     def rows(self, records: Records) -> Iterator[dict]:
@@ -582,10 +588,11 @@ class _Reader:
         """Warnings for a usable row: duplicate content, ignored keys, DPO prefixes."""
         canonical = json.dumps(row, sort_keys=True, ensure_ascii=False).encode("utf-8")
         digest = int.from_bytes(hashlib.blake2b(canonical, digest_size=8).digest(), "little")
-        first = self._seen.setdefault(digest, loc)
-        if first != loc:
+        here = self._pack(loc)
+        first = self._seen.setdefault(digest, here)
+        if first != here:
             self.warnings.append(RowWarning(loc, "row", "duplicate",
-                                            f"duplicate of {_loc_relative_to(first, loc)}"))
+                                            f"duplicate of {_loc_relative_to(self._unpack(first), loc)}"))
         for key in _conv.unknown_keys(record, fmt):
             self._unknown.setdefault(key, [loc, 0])[1] += 1
         if self.kind == "dpo":
@@ -596,6 +603,19 @@ class _Reader:
             elif chosen.startswith(rejected):
                 self.warnings.append(RowWarning(loc, "rejected", "dpo_prefix", "the rejected "
                                                 "response is a prefix of the chosen one"))
+
+    def _pack(self, loc: str) -> int:
+        """``loc`` as one int: its prefix's index, then its trailing number + 1 (0: it has none)."""
+        m = _TRAILING_NUMBER.search(loc)
+        prefix, number = (loc[:m.start()], int(m.group()) + 1) if m else (loc, 0)
+        index = self._prefixes.setdefault(prefix, len(self._prefixes))
+        if index == len(self._prefix_list):
+            self._prefix_list.append(prefix)
+        return index << _NUMBER_BITS | number
+
+    def _unpack(self, packed: int) -> str:
+        prefix, number = self._prefix_list[packed >> _NUMBER_BITS], packed & ((1 << _NUMBER_BITS) - 1)
+        return prefix + str(number - 1) if number else prefix
 
     def result(self, source: str, rows: list[dict] | None = None) -> LoadResult:
         warnings = list(self.warnings)
