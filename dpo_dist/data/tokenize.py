@@ -335,6 +335,7 @@ def _build(tmp: Path, kind: str, source: str, tokenizer, renderer: Renderer, *, 
     stream = RowStream(source, kind, fmt=fmt, on_bad_row=on_bad_row, split=split)
     n = _write_rows(stream, kind, tmp / "rows.arrow", max_rows, show_progress)
     loaded = stream.result()
+    del stream  # frees the reader's duplicate index before the tokenizing workers are forked with a copy of it
     log(f"[data] {loaded.summary()}")
     warning_counts = count_warnings(loaded.warnings)
     _log_problems(source, [str(b) for b in loaded.skipped], warning_counts, log)

@@ -190,7 +190,9 @@ def bench_prepare(args) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = work / "tokenizer"
     build_tokenizer().save_pretrained(tokenizer_dir)
-    num_proc = args.num_proc or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    from dpo_dist.data.tokenize import cores
+
+    num_proc = args.num_proc or cores()
     sizes = [int(s) for s in args.data_rows.split(",")]
     kinds = args.data_kinds.split(",")
     report = {"command": command_line(args, num_proc), "num_proc": num_proc, "repeats": args.repeats,
