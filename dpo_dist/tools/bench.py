@@ -383,14 +383,18 @@ def run(args) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
     report = bench(args)
-    table = format_table(report)
-    if args.json == "-":
+    emit(report, format_table(report), args.json)
+    return 0 if report["same_work"]["equal"] else 1
+
+
+def emit(report: dict, table: str, json_to: str | None) -> None:
+    """The table on stdout (on stderr with --json -, when stdout holds the JSON), the JSON where asked."""
+    if json_to == "-":
         print(table, file=sys.stderr)
         print(json.dumps(report, indent=1))
     else:
         print(table)
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
-            progress(f"results written to {args.json}")
+        if json_to:
+            Path(json_to).write_text(json.dumps(report, indent=1) + "\n")
+            progress(f"results written to {json_to}")
     progress(f"finished in {report['wall_s']:.0f} s")
-    return 0 if report["same_work"]["equal"] else 1

@@ -22,13 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from dpo_dist.tools.bench import progress
+
 KINDS = ("sft", "pretrain")
 SFT_MAX_LENGTH = 4096  # long enough that no generated row is truncated: both sides tokenize every token
 PRETRAIN_BLOCK = 2048
-
-
-def progress(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 # ---- the generated data -------------------------------------------------------------------------------------------
@@ -317,17 +315,10 @@ def run(args) -> int:
     if bad:
         print(f"error: --data-kinds: {', '.join(bad)} not one of {', '.join(KINDS)}", file=sys.stderr)
         return 2
+    from dpo_dist.tools.bench import emit
+
     report = bench_prepare(args)
-    table = format_table(report)
-    if args.json == "-":
-        print(table, file=sys.stderr)
-        print(json.dumps(report, indent=1))
-    else:
-        print(table)
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
-            progress(f"results written to {args.json}")
-    progress(f"finished in {report['wall_s']:.0f} s")
+    emit(report, format_table(report), args.json)
     return 0 if all(r["same_work"]["equal"] for r in report["results"]) else 1
 
 
