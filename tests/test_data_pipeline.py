@@ -349,3 +349,16 @@ def test_a_json_array_streams_item_by_item_across_chunks(tmp_path, monkeypatch):
     monkeypatch.delenv("DPO_DIST_MAX_LINE_BYTES")  # under the limit: json's own message for the whole text
     with pytest.raises(DataError, match=rf"^{src}:5: row: invalid JSON: Expecting value at column 19$"):
         list(RowStream(str(src), "sft"))
+
+
+def test_validate_says_which_rows_training_leaves_out(tokenizer, tmp_path):
+    from dpo_dist.validate import LengthLimits, check_data
+
+    rows = [{"conversation": [{"human": "q " * n, "assistant": "a " * 30}]} for n in (1, 60)]
+    src = write_jsonl(tmp_path / "sft.jsonl", rows)
+    check = check_data(str(src), "sft", limits=LengthLimits(tokenizer, Renderer(tokenizer, "qwen"), 48))
+    assert [(w.loc, w.reason.split("(")[-1]) for w in check.warnings] == [
+        (f"{src}:1", "it will be truncated)"),
+        (f"{src}:2", "no assistant token falls within it, so training leaves the row out)")]
+    out = tk.prepare_dataset("sft", str(src), tokenizer, Renderer(tokenizer, "qwen"), max_length=48, **QUIET)
+    assert out.dataset["loc"] == [f"{src}:1"] and out.report["no_supervised_tokens"] == 1  # the same verdict

@@ -176,10 +176,19 @@ def token_length_warnings(rows: list[dict], kind: str, tokenizer, renderer: Rend
         lengths = iter([len(ids) for ids in _encode(tokenizer, [text for segs in segments for text, _ in segs])])
         out = []
         for row, segs in zip(rows, segments):
-            n = sum(next(lengths) for _ in segs)
-            if n > max_length:
-                out.append(RowWarning(row.get("loc", "?"), "row", "sft_too_long",
-                                      f"row is {n} tokens, over max_length={max_length} (it will be truncated)"))
+            n, first_supervised = 0, None
+            for _, is_assistant in segs:
+                size = next(lengths)
+                if is_assistant and size and first_supervised is None:
+                    first_supervised = n
+                n += size
+            if n <= max_length:
+                continue
+            what = "it will be truncated"
+            if first_supervised is None or first_supervised >= max_length:
+                what = "no assistant token falls within it, so training leaves the row out"
+            out.append(RowWarning(row.get("loc", "?"), "row", "sft_too_long",
+                                  f"row is {n} tokens, over max_length={max_length} ({what})"))
         return out
     if kind != "dpo":
         return []  # pretraining text is packed into blocks: nothing is cut
