@@ -216,8 +216,12 @@ def test_an_interrupted_build_leaves_no_entry_and_the_next_run_builds_it(tokeniz
     assert [p.name for p in root.iterdir() if not p.name.endswith(".lock")] == []  # no entry, no temporary dir
     (lock,) = root.glob("*.lock")
     assert json.loads(lock.read_text())["state"] == "failed"
-    again = tk.prepare_dataset("sft", str(src), tokenizer, r, max_length=64, **QUIET)
+    logs: list[str] = []
+    again = tk.prepare_dataset("sft", str(src), tokenizer, r, max_length=64, log=logs.append)
     assert not again.from_cache and len(again.dataset) == 30 and not lock.exists()
+    assert not any("waiting while" in line for line in logs)  # its own failed lock is nobody to wait for
+    assert any("an earlier build by rank 0" in line and "failed (interrupted); building it here" in line
+               for line in logs)
     assert tk.prepare_dataset("sft", str(src), tokenizer, r, max_length=64, **QUIET).from_cache
 
 

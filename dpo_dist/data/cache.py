@@ -97,7 +97,7 @@ class Entry:
     def get(self, build: Callable[[Path], dict], log=print) -> tuple[dict, bool]:
         """The entry's report, building the entry first unless it exists. Returns (report, read_from_cache)."""
         started = time.time()
-        waited = False
+        self._said_waiting = False
         while True:
             if self.ready():
                 return self.report(), True
@@ -106,10 +106,6 @@ class Entry:
                     self._release()
                     return self.report(), True
                 return self._build(build), False
-            if not waited:
-                holder = self._holder() or {}
-                log(f"[data] {self.source}: waiting while {_who(holder)} tokenizes it into {self.path}")
-                waited = True
             self._wait(started, log)
 
     # ---- building ------------------------------------------------------------------------------------------------
@@ -194,7 +190,10 @@ class Entry:
             if age > STALE_S:
                 self._take_over(f"{_who(holder or {})} stopped updating its lock {age:.0f} s ago", log)
                 return
-            if time.time() - last_log >= WAIT_LOG_S:
+            if not self._said_waiting:
+                log(f"[data] {self.source}: waiting while {_who(holder or {})} tokenizes it into {self.path}")
+                self._said_waiting = True
+            elif time.time() - last_log >= WAIT_LOG_S:
                 log(f"[data] {self.source}: still waiting for {_who(holder or {})} to finish tokenizing "
                     f"({time.time() - started:.0f} s)")
                 last_log = time.time()
