@@ -106,7 +106,14 @@ def test_content_holding_the_placeholder_characters_is_rendered_normally(tokeniz
 
 def test_batched_backend_encoding_equals_the_tokenizer_call(tokenizer):
     texts = ["<|im_start|>user\nhi<|im_end|>\n", " spaces  and\ttabs", "ünïcödé 漢字", "", "<|endoftext|>x"]
-    assert tk._encode(tokenizer, texts) == [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    expected = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert tk._encode(tokenizer, texts) == expected
+    # A padded, truncated call (as generation makes) leaves its settings on the fast tokenizer's backend.
+    tokenizer(texts, padding=True, truncation=True, max_length=4, add_special_tokens=False)
+    try:
+        assert tk._encode(tokenizer, texts) == expected
+    finally:
+        tokenizer(texts[:1], add_special_tokens=False)  # resets the backend for the other tests
 
 
 def test_rows_stream_through_the_reader(tmp_path):

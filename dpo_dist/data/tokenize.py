@@ -62,7 +62,9 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     if not texts:
         return []
     backend = getattr(tokenizer, "_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
-    if backend is not None:
+    # transformers leaves the padding and truncation of its last call set on the backend (a padded generate batch,
+    # say) and resets them only inside its own call: with either set, go through that call.
+    if backend is not None and backend.padding is None and backend.truncation is None:
         return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
