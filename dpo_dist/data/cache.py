@@ -110,14 +110,22 @@ class Entry:
 
     # ---- building ------------------------------------------------------------------------------------------------
     def _claim(self) -> bool:
+        """Create the lock with its content in one step (a hard link of a written file), so that a waiter never
+        reads a lock without its holder."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        mine = self._write_aside({**_me(), "state": "building", "started": time.time()})
         try:
-            fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(mine, self.lock)
+            return True
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            json.dump({**_me(), "state": "building", "started": time.time()}, f)
-        return True
+        finally:
+            mine.unlink(missing_ok=True)
+
+    def _write_aside(self, content: dict) -> Path:
+        aside = self.lock.with_name(f"{self.lock.name}.{socket.gethostname()}.{os.getpid()}")
+        aside.write_text(json.dumps(content))
+        return aside
 
     def _release(self) -> None:
         self.lock.unlink(missing_ok=True)
@@ -161,8 +169,9 @@ class Entry:
         message = " ".join(str(err).split()) or type(err).__name__
         if isinstance(err, KeyboardInterrupt):
             message = "interrupted"
-        try:
-            self.lock.write_text(json.dumps({**_me(), "state": "failed", "error": message, "failed": time.time()}))
+        try:  # replaced whole, so a waiter reads either the old content or the new
+            os.replace(self._write_aside({**_me(), "state": "failed", "error": message, "failed": time.time()}),
+                       self.lock)
         except OSError:
             pass
 

@@ -63,8 +63,10 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
         return []
     backend = getattr(tokenizer, "_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
     # transformers leaves the padding and truncation of its last call set on the backend (a padded generate batch,
-    # say) and resets them only inside its own call: with either set, go through that call.
-    if backend is not None and backend.padding is None and backend.truncation is None:
+    # say), and sets split_special_tokens on it per call; it resets them only inside its own call. So the backend is
+    # used directly only while it is in the state that call would put it in.
+    if (backend is not None and backend.padding is None and backend.truncation is None
+            and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False))):
         return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
