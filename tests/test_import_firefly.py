@@ -17,9 +17,10 @@ DATA = Path(__file__).resolve().parent / "data" / "firefly"
 
 # file -> (world_size, expected values after the round trip through the written files)
 CASES = {
+    # Full fine-tuning under the source's ZeRO-3 file, on one GPU: a written ZeRO-3 profile, not a plain process.
     "pretrain-full": (1, dict(stage="pretrain", method="full", max_length=1024, max_prompt_length=None, beta=None,
                               lr=1e-5, global_batch=16, epochs=2, template=None, precision="fp16", micro=2,
-                              profile=None, optim="adamw_torch", scheduler="cosine", seed=7)),
+                              profile=None, launcher="deepspeed", optim="adamw_torch", scheduler="cosine", seed=7)),
     "sft-full": (1, dict(stage="sft", method="full", max_length=2048, max_prompt_length=None, beta=None, lr=2e-5,
                          global_batch=32, epochs=3, template="qwen", precision="bf16", micro=4, profile="1gpu-bf16",
                          optim="adamw_torch", scheduler="cosine", seed=42)),
@@ -70,7 +71,7 @@ def test_round_trip(case, tmp_path, capsys):
     if want["profile"] is None:
         assert profile_file.is_file()
         profile = load_profile(str(profile_file))
-        assert (profile.launcher, profile.num_processes) == ("python", 1)
+        assert (profile.launcher, profile.num_processes) == (want.get("launcher", "python"), world_size)
         profile_arg = str(profile_file)
     else:
         assert not profile_file.exists()
@@ -129,6 +130,18 @@ def test_written_files_pass_launch_preflight(case, tmp_path):
     preflight(str(tmp_path / f"{name}.yaml"), profile, [], profile.num_nodes, sources=False)
 
 
+@pytest.mark.parametrize("src", sorted(DATA.glob("*.json")), ids=lambda p: p.stem)
+def test_every_fixture_converts_and_passes_launch_preflight(src, tmp_path):
+    """Every input here (the source's real configs among them), converted for one GPU, loads and passes pre-flight."""
+    from dpo_dist.launch import preflight
+
+    assert run(_args(src, tmp_path)) == 0
+    conv = convert(_load(src), source=str(src))
+    profile_arg = str(tmp_path / f"{conv.profile_name}.yaml") if conv.profile else conv.profile_name
+    profile = load_profile(profile_arg)
+    preflight(str(tmp_path / f"{conv.name}.yaml"), profile, [], profile.num_nodes, sources=False)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_key_carried_or_noted(case):
     world_size, _ = CASES[case]
@@ -164,8 +177,8 @@ def test_unsloth_deepspeed_report_to_noted_with_reasons():
     notes = {n.split(":", 1)[0]: n for n in conv.notes}
     assert notes["use_unsloth"].startswith("use_unsloth: true: not carried over: dpo-dist does not use Unsloth")
     assert "attention and checkpointing" in notes["use_unsloth"]
-    assert notes["deepspeed"].startswith("deepspeed: ./train_args/ds_z3_config.json: not carried over: choose a "
-                                         "ZeRO-3 launch profile such as 8xh100-zero3 instead")
+    assert notes["deepspeed"].startswith("deepspeed: ./train_args/ds_z3_config.json: not carried over: the backend "
+                                         "is the launch profile's: no shipped profile fits")
     assert notes["report_to"].startswith("report_to: tensorboard: not carried over:")
     assert "metrics.jsonl" in notes["report_to"]
     assert "min_seq_length: 16: not carried over" in notes["min_seq_length"]
@@ -244,6 +257,218 @@ def test_unknown_scheduler_and_eval_file():
     assert stage["train"]["lr_scheduler"] == "cosine" and stage["train"]["eval_steps"] == 100
     assert stage["data"]["eval"] == "./data/eval.jsonl"
     assert any(n.startswith("lr_scheduler_type: inverse_sqrt: not carried over:") for n in conv.notes)
+
+
+# -- models that run their own code ------------------------------------------------------------------------------
+
+def _note(conv, prefix: str) -> str:
+    hits = [n for n in conv.notes if n.startswith(prefix)]
+    assert len(hits) == 1, f"want one note starting {prefix!r}, got {hits}"
+    return hits[0]
+
+
+@pytest.mark.parametrize("case,family", [("qwen-7b-sft-full", "Qwen-1"), ("chatglm3-6b-sft-qlora", "ChatGLM")])
+def test_remote_code_family_turns_on_trust_remote_code_with_a_warning(case, family, tmp_path, capsys):
+    """The source's real configs for Qwen-7B-Chat and chatglm3-6b: the model's own code must run, and the user is told
+    what that means."""
+    src = DATA / f"{case}.json"
+    conv = convert(_load(src), source=str(src))
+    assert conv.recipe["model"]["trust_remote_code"] is True
+    note = _note(conv, "model.trust_remote_code: true: ")
+    assert f"{family} models ship their own modelling code" in note and "model_name_or_path" in note
+    assert "security warning: the model's own Python code will run on this machine with your permissions" in note
+    assert "read or trust" in note
+    assert "model.trust_remote_code" in conv.carried["model_name_or_path"]
+    # The written recipe keeps it, and the warning is printed.
+    assert run(_args(src, tmp_path)) == 0
+    assert load_recipe(tmp_path / f"{conv.name}.yaml").model.trust_remote_code is True
+    assert f"  {note}\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("model,template,family", [
+    ("Qwen/Qwen-1_8B-Chat", "qwen", "Qwen-1"),
+    ("Qwen/Qwen-72B", None, "Qwen-1"),
+    ("/models/firefly-qwen-14b-sft", "qwen", "Qwen-1"),
+    ("THUDM/chatglm2-6b", "chatglm2", "ChatGLM"),
+    ("baichuan-inc/Baichuan2-13B-Chat", "baichuan2", "Baichuan"),
+    ("baichuan-inc/Baichuan-13B-Chat", "baichuan", "Baichuan"),
+    ("internlm/internlm2-chat-20b", "internlm2", "InternLM"),
+    ("internlm/internlm-chat-7b", "internlm", "InternLM"),
+    ("openbmb/MiniCPM-2B-dpo-bf16", "minicpm", "MiniCPM"),
+    ("xverse/XVERSE-13B-Chat", "xverse", "XVERSE"),
+    ("OrionStarAI/Orion-14B-Chat", "orion", "Orion"),
+    ("deepseek-ai/deepseek-moe-16b-chat", "deepseek", "DeepSeek-MoE"),
+    ("/data/checkpoints/my-sft", "ChatGLM3", "ChatGLM"),  # a local path: the template tells
+    ("/data/checkpoints/my-sft", "baichuan2", "Baichuan"),
+])
+def test_remote_code_detection_by_model_name_or_template(model, template, family):
+    data = _load(DATA / "sft-qlora.json") | {"model_name_or_path": model, "template_name": template}
+    conv = convert(data)
+    assert conv.recipe["model"].get("trust_remote_code") is True, model
+    assert f"{family} models ship their own modelling code" in _note(conv, "model.trust_remote_code: true: ")
+
+
+@pytest.mark.parametrize("model", ["Qwen/Qwen1.5-7B-Chat", "Qwen/Qwen1.5-14B-Chat", "Qwen/Qwen2-7B-Instruct",
+                                   "Qwen/Qwen2.5-72B-Instruct", "meta-llama/Meta-Llama-3-8B-Instruct",
+                                   "deepseek-ai/deepseek-llm-7b-chat", "01-ai/Yi-6B-Chat", "org/tiny-chat-1b"])
+def test_models_in_transformers_keep_trust_remote_code_off(model):
+    data = _load(DATA / "qwen1.5-7b-dpo-full.json") | {"model_name_or_path": model}
+    conv = convert(data)
+    assert "trust_remote_code" not in conv.recipe["model"]
+    note = _note(conv, "model.trust_remote_code: false: ")
+    assert "no code from the model runs" in note
+    assert not any(n.startswith("model.trust_remote_code: true") for n in conv.notes)
+
+
+def test_qwen15_source_config_round_trips_without_remote_code(tmp_path):
+    src = DATA / "qwen1.5-7b-dpo-full.json"
+    assert run(_args(src, tmp_path)) == 0
+    assert load_recipe(tmp_path / "firefly-qwen1.5-7b-dpo-full.yaml").model.trust_remote_code is False
+
+
+# -- full fine-tuning under the source's ZeRO-3 file ---------------------------------------------------------------
+
+@pytest.mark.parametrize("model,profile", [
+    ("org/tiny-chat-1b", "8xh100-zero3"),
+    ("Qwen/Qwen1.5-14B-Chat", "8xh100-zero3"),
+    ("internlm/internlm2-chat-20b", "8xh100-zero3"),  # 20B × 16 bytes / 8 = 40 GB: at the limit, still on the GPUs
+    ("01-ai/Yi-34B-Chat", "8xh100-zero3-offload"),
+    ("Qwen/Qwen2.5-72B-Instruct", "8xh100-zero3-offload"),
+    ("/data/models/final", "8xh100-zero3"),  # no size in the name: no offload, and the note says so
+])
+def test_full_zero3_picks_the_shipped_zero3_profile_by_model_size(model, profile, tmp_path):
+    from dpo_dist.launch import preflight
+
+    data = _load(DATA / "dpo-full.json") | {"model_name_or_path": model}
+    conv = convert(data, world_size=8)
+    assert conv.profile is None and conv.profile_name == profile
+    note = _note(conv, "deepspeed: ./train_args/ds_z3_config.json: not carried over: ")
+    assert profile in note
+    if profile.endswith("offload"):
+        assert "configs/deepspeed/zero3-offload.json" in note and "offloaded to CPU RAM" in note
+    if model == "Qwen/Qwen2.5-72B-Instruct":
+        assert "72B parameters (from the model name) need about 1152 GB of training state, 144 GB per process" in note
+        assert "offload above 20B parameters" in note
+    if model == "/data/models/final":
+        assert "states no parameter count, so no CPU offload" in note
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps(data))
+    assert run(_args(src, tmp_path / "out", world_size=8)) == 0
+    preflight(str(tmp_path / "out" / "tiny-dpo-full.yaml"), load_profile(profile), [], 1, sources=False)
+
+
+def test_full_zero3_without_a_fitting_profile_writes_a_deepspeed_zero3_profile(tmp_path, capsys):
+    """The source's Qwen-7B-Chat full fine-tune (fp16, ZeRO-3 file) fits no shipped profile: the written profile runs
+    DeepSpeed ZeRO-3, offloading on one GPU (112 GB of state), not on eight (14 GB each)."""
+    from dpo_dist.launch import preflight
+
+    src = DATA / "qwen-7b-sft-full.json"
+    one = convert(_load(src), source=str(src))
+    p = one.profile
+    assert (p["launcher"], p["deepspeed_config"], p["num_processes"]) == ("deepspeed",
+                                                                          "configs/deepspeed/zero3-offload.json", 1)
+    assert (p["micro_batch_size"], p["precision"], p["device"]) == (1, "fp16", "gpu")
+    note = _note(one, "deepspeed: ")
+    assert "the written profile firefly-qwen-7b-sft-full-profile trains with DeepSpeed ZeRO-3" in note
+    assert "7B parameters (from the model name) need about 112 GB of training state, 112 GB per process" in note
+    assert "offload above 2.5B parameters" in note
+
+    eight = convert(_load(src), source=str(src), world_size=8)
+    p = eight.profile
+    assert (p["launcher"], p["deepspeed_config"], p["num_processes"]) == ("deepspeed", "configs/deepspeed/zero3.json",
+                                                                          8)
+    assert eight.recipe["stages"][0]["train"]["global_batch_size"] == 128  # accumulation stays 16
+    assert "14 GB per process, so no CPU offload" in _note(eight, "deepspeed: ")
+    assert not any(n.startswith("world_size:") for n in eight.notes)
+
+    # Written, loaded, and accepted by the launcher's pre-flight checks; the command is `dpo-dist launch`.
+    assert run(_args(src, tmp_path, world_size=8)) == 0
+    printed = capsys.readouterr().out
+    profile_path = tmp_path / "firefly-qwen-7b-sft-full-profile.yaml"
+    assert profile_path.read_text().startswith("# Launch profile converted from ")
+    assert "DeepSpeed ZeRO-3 on 8 processes" in profile_path.read_text()
+    profile = load_profile(str(profile_path))
+    assert profile.backend == "deepspeed" and profile.world_size == 8
+    assert profile.deepspeed_settings()["zero_optimization"]["stage"] == 3
+    assert f"dpo-dist launch {tmp_path / 'firefly-qwen-7b-sft-full.yaml'} --profile {profile_path}" in printed
+    preflight(str(tmp_path / "firefly-qwen-7b-sft-full.yaml"), profile, [], 1, sources=False)
+
+
+def test_lora_under_a_deepspeed_file_keeps_its_single_process_fallback():
+    """Only full fine-tuning is moved onto a written ZeRO-3 profile; LoRA keeps the note naming a ZeRO-3 profile."""
+    data = _load(DATA / "sft-lora.json") | {"deepspeed": "./train_args/ds_z3_config.json"}
+    conv = convert(data)
+    assert conv.profile["launcher"] == "python"
+    assert "choose a ZeRO-3 launch profile such as 8xh100-zero3" in _note(conv, "deepspeed: ")
+
+
+# -- templates and defaults -------------------------------------------------------------------------------------
+
+def test_minicpm3_template_becomes_chatml(tmp_path):
+    src = DATA / "minicpm3-4b-dpo-full.json"
+    conv = convert(_load(src), source=str(src))
+    assert conv.recipe["model"]["template"] == "chatml" and conv.carried["template_name"] == "model.template"
+    note = _note(conv, "template_name: minicpm3: changed to chatml: ")
+    assert "ChatML" in note and "You are a helpful assistant." in note
+    assert conv.recipe["model"]["trust_remote_code"] is True  # MiniCPM3 ships its own code as well
+    assert run(_args(src, tmp_path)) == 0
+    assert load_recipe(tmp_path / f"{conv.name}.yaml").model.template == "chatml"
+
+
+# Every key a minimal input lacks and the importer fills in: key -> (value as the note shows it, where it went, value).
+FILLED = {
+    "task_type": ("sft", "stages[0].stage", "sft"),
+    "train_mode": ("qlora", "method.type", "qlora"),
+    "lora_rank": ("64", "method.lora_r", 64),
+    "lora_alpha": ("16", "method.lora_alpha", 16),
+    "lora_dropout": ("0.05", "method.lora_dropout", 0.05),
+    "per_device_train_batch_size": ("8", "profile.micro_batch_size, stages[0].train.global_batch_size", 8),
+    "gradient_accumulation_steps": ("1", "stages[0].train.global_batch_size", 8),
+    "learning_rate": ("5e-05", "stages[0].train.learning_rate", 5e-5),
+    "num_train_epochs": ("3", "stages[0].train.num_epochs", 3),
+    "lr_scheduler_type": ("linear", "stages[0].train.lr_scheduler", "linear"),
+    "warmup_steps": ("0", "stages[0].train.warmup_steps", 0),
+    "weight_decay": ("0.0", "stages[0].train.weight_decay", 0.0),
+    "max_grad_norm": ("1.0", "stages[0].train.max_grad_norm", 1.0),
+    "optim": ("adamw_torch", "stages[0].train.optim", "adamw_torch"),
+    "gradient_checkpointing": ("false", "stages[0].train.gradient_checkpointing", False),
+    "fp16": ("false", "stages[0].train.fp16", False),
+    "bf16": ("false", "stages[0].train.bf16", False),
+    "logging_steps": ("500", "stages[0].train.logging_steps", 500),
+    "save_steps": ("500", "stages[0].train.save_steps", 500),
+    "save_total_limit": ("null (keep every checkpoint)", "stages[0].train.save_total_limit", None),
+    "seed": ("42", "seed", 42),
+}
+FILLED_DPO = {
+    "max_prompt_length": ("512", "stages[0].max_prompt_length", 512),
+    "beta": ("0.1", "stages[0].beta", 0.1),
+}
+
+
+def _at(recipe: dict, target: str):
+    value = recipe
+    for part in target.replace("[0]", ".0").split("."):
+        value = value[int(part)] if part.isdigit() else value[part]
+    return value
+
+
+@pytest.mark.parametrize("task", ["sft", "dpo"])
+def test_every_filled_default_has_its_own_note(task):
+    data = {"model_name_or_path": "org/m", "train_file": "d.jsonl", "max_seq_length": 1024, "template_name": "qwen"}
+    want = dict(FILLED)
+    if task == "dpo":
+        data["task_type"] = "dpo"
+        del want["task_type"]
+        want |= FILLED_DPO
+    conv = convert(data, source="minimal.json")
+    for key, (shown, target, value) in want.items():
+        note = _note(conv, f"{key}: absent: ")
+        assert note.startswith(f"{key}: absent: the source's default {shown} is written to {target}"), note
+        if not target.startswith("profile."):  # the micro-batch shows in the global batch, 8 × 1
+            assert _at(conv.recipe, target) == (pytest.approx(value) if isinstance(value, float) else value), key
+    # ... and no other default was filled in without a note.
+    filled = {n.split(":", 1)[0] for n in conv.notes if ": absent: the source's default " in n}
+    assert filled == set(want)
 
 
 # -- bad input --------------------------------------------------------------------------------------------------

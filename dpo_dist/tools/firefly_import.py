@@ -11,9 +11,15 @@ Mapping (the recipe has a single stage, index 0, written ``stages[0]`` below):
 
   task_type                     -> stages[0].stage (pretrain | sft | dpo); absent: sft, the format's default
   train_mode                    -> method.type (full | lora | qlora); absent: qlora, the format's default
-  model_name_or_path            -> model.name_or_path (required)
-  template_name                 -> model.template when dpo-dist has a template of that name; otherwise noted and
-                                   no template is set (the tokenizer's own applies); pretraining uses none
+  model_name_or_path            -> model.name_or_path (required); for a family whose modelling code ships with the
+                                   checkpoint (Qwen-1, i.e. Qwen-7B-Chat and the like but not Qwen1.5 or later,
+                                   ChatGLM, Baichuan, InternLM, MiniCPM, XVERSE, Orion, DeepSeek-MoE; matched in
+                                   model_name_or_path, or by template_name, case-insensitively) also
+                                   model.trust_remote_code: true, as the source loads every model with
+                                   trust_remote_code=True; noted either way, with a security warning when on
+  template_name                 -> model.template when dpo-dist has a template of that name; minicpm3 (ChatML
+                                   turns) becomes chatml, noted; otherwise noted and no template is set (the
+                                   tokenizer's own applies); pretraining uses none
   train_file                    -> stages[0].data.train, format auto (required)
   eval_file                     -> stages[0].data.eval (empty: none)
   tokenize_num_workers          -> stages[0].data.num_proc
@@ -41,25 +47,35 @@ Mapping (the recipe has a single stage, index 0, written ``stages[0]`` below):
   seed                          -> seed
   output_dir                    -> output_dir; its last part also names the recipe unless --name is given
                                    (without output_dir: the input file's name)
-  deepspeed                     -> not carried: the backend belongs to a launch profile; noted with the ZeRO-3
-                                   profile to use (or the shipped ZeRO profile that was chosen)
+  deepspeed                     -> not carried: the backend belongs to a launch profile. With train_mode full it
+                                   selects a ZeRO-3 profile, with CPU offload for a large model (see Launch profile
+                                   below); otherwise the shipped ZeRO profile that fits, or a note naming the ZeRO-3
+                                   profile to use. Noted with the profile and the reason
   use_unsloth, report_to, min_seq_length, disable_tqdm, dataloader_num_workers, save_strategy,
   remove_unused_columns, logging_first_step and other trainer options dpo-dist sets itself
                                 -> not carried: noted with the reason (dpo-dist's own behaviour applies)
   anything else                 -> noted as an unknown key
 
 Absent keys take the source trainer's defaults, written out explicitly so the recipe does not depend on
-dpo-dist's own defaults where they differ (learning_rate 5e-5, num_train_epochs 3, lr_scheduler_type linear,
-per_device_train_batch_size 8, logging_steps 500, save_total_limit unset = keep every checkpoint,
-max_prompt_length 512); each such default is noted.
+dpo-dist's own defaults where they differ (task_type sft, train_mode qlora, learning_rate 5e-5, num_train_epochs 3,
+lr_scheduler_type linear, per_device_train_batch_size 8, gradient_accumulation_steps 1, logging_steps 500,
+save_total_limit unset = keep every checkpoint, max_prompt_length 512) nor where they agree (SHARED_DEFAULTS:
+warmup_steps, weight_decay, max_grad_norm, optim, save_steps, gradient_checkpointing, seed, beta, the LoRA keys,
+fp16, bf16). Every absent key that gets a value has a note of its own: "KEY: absent: the source's default VALUE is
+written to TARGET".
 
 Launch profile: a shipped profile (launch/*.yaml) is chosen when it fits exactly: a GPU profile whose
 processes equal the world size, whose micro_batch_size equals per_device_train_batch_size, whose precision,
 optimizer and gradient checkpointing are either unset or equal to the input's, which accepts the method, and
 whose backend is DeepSpeed exactly when the input names a deepspeed file (never FSDP, which the source does
-not use). Otherwise a custom single-process profile is written (launcher python, num_processes 1,
-micro_batch_size from per_device_train_batch_size, precision from fp16/bf16); the global batch is kept, so
-gradient accumulation grows by the world size.
+not use); with train_mode full that means a ZeRO-3 profile that offloads to CPU exactly when the model is large.
+Large: the parameter count in the model's name ("7B", "14b", "1_8B", "8x7B") × 16 bytes of training state
+(weights, gradients, fp32 master weights, Adam moments), split over the world size, exceeds 40 GB per GPU, half an
+80 GB H100: above 20B parameters on 8 GPUs, above 2.5B on one; a name without a count means no offload. Otherwise
+a custom profile is written: for train_mode full with a deepspeed file, launcher deepspeed with
+configs/deepspeed/zero3.json (zero3-offload.json when large) on world-size processes; for anything else a single
+process (launcher python, num_processes 1), and the global batch is kept, so gradient accumulation grows by the
+world size. Both take micro_batch_size from per_device_train_batch_size and precision from fp16/bf16.
 """
 from __future__ import annotations
 
@@ -91,7 +107,7 @@ SOURCE_DEFAULTS = {
     "save_total_limit": None,
     "max_prompt_length": 512,
 }
-# Defaults that dpo-dist shares with the source: written explicitly, no note needed.
+# Defaults that dpo-dist shares with the source: written explicitly too, and noted like the others.
 SHARED_DEFAULTS = {
     "warmup_steps": 0,
     "warmup_ratio": 0.0,
@@ -105,6 +121,8 @@ SHARED_DEFAULTS = {
     "lora_rank": 64,
     "lora_alpha": 16,
     "lora_dropout": 0.05,
+    "fp16": False,
+    "bf16": False,
 }
 
 # Types of the keys this importer reads. float accepts integers too.
@@ -149,6 +167,45 @@ _TRAINER_OWNED = {
     "gradient_checkpointing_kwargs": "dpo-dist chooses the checkpointing mode per backend",
     "run_name": "the run is named after the recipe and its stage",
 }
+
+# Model families whose modelling code ships with the checkpoint instead of with transformers. The source loads every
+# model with trust_remote_code=True; these are the families that need it. A family matches when its pattern occurs in
+# model_name_or_path or template_name is one of its source templates (both case-insensitive); the template catches
+# a local path whose name says nothing. Qwen-1 is Qwen-7B(-Chat), Qwen-1_8B, Qwen-14B, Qwen-72B: Qwen1.5 and later
+# are in transformers and share the template name qwen, so only the model name can tell them apart.
+_REMOTE_CODE_FAMILIES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("Qwen-1", r"(?<![a-z0-9])qwen[-_]\d+(?:_\d+)?b(?![a-z0-9])", ()),
+    ("ChatGLM", r"chatglm", ("chatglm2", "chatglm3")),
+    ("Baichuan", r"baichuan", ("baichuan", "baichuan2")),
+    ("InternLM", r"internlm", ("internlm", "internlm2")),
+    ("MiniCPM", r"minicpm", ("minicpm", "minicpm3")),
+    ("XVERSE", r"xverse", ("xverse",)),
+    ("Orion", r"(?<![a-z])orion(?![a-z])", ("orion",)),
+    ("DeepSeek-MoE", r"deepseek-moe", ()),
+)
+_REMOTE_CODE_WARNING = ("security warning: the model's own Python code will run on this machine with your "
+                        "permissions; use it only for a model whose code you have read or trust (pin model.revision "
+                        "to the commit you read)")
+
+# Source template names that dpo-dist has under another name: source name -> (dpo-dist name, why).
+_TEMPLATE_RENAMES = {
+    "minicpm3": ("chatml", "the source's minicpm3 template writes ChatML turns (<|im_start|>role ... <|im_end|>), as "
+                           "dpo-dist's chatml template (an alias of qwen) does; that template adds the system prompt "
+                           "'You are a helpful assistant.' to rows without one"),
+}
+
+# Full fine-tuning with mixed-precision AdamW keeps about 16 bytes of model state per parameter: 2 for the
+# half-precision weights, 2 for their gradients, 4 for the fp32 master copy and 8 for Adam's two moments (the ZeRO
+# paper's count).
+# ZeRO-3 splits them evenly across the processes. CPU offload is chosen when one process's share would exceed 40 GB:
+# half of an 80 GB H100 (the shipped ZeRO-3 profiles' GPU), leaving the other half for activations, the layers
+# gathered for compute and the communication buffers. On 8 GPUs that is above 20B parameters; on one, above 2.5B.
+STATE_BYTES_PER_PARAM = 16
+ZERO3_GPU_BUDGET_GB = 40
+ZERO3_FILE = "configs/deepspeed/zero3.json"
+ZERO3_OFFLOAD_FILE = "configs/deepspeed/zero3-offload.json"
+# A parameter count in a model name: "Qwen-7B-Chat" 7, "Qwen-1_8B" 1.8, "Qwen2.5-72B" 72, "Mixtral-8x7B" 8 × 7.
+_SIZE = re.compile(r"(?<![a-z0-9.])(?:(\d+)x)?(\d+(?:[._]\d+)?)b(?![a-z0-9])")
 
 
 @dataclass
@@ -212,12 +269,15 @@ class _Reader:
         if key in self.data:
             self.carried[key] = target
             return self.get(key)
-        if key in SOURCE_DEFAULTS and default is None:
-            default = SOURCE_DEFAULTS[key]
+        if default is None:
+            if key in SOURCE_DEFAULTS:
+                default, same = SOURCE_DEFAULTS[key], ""
+            elif key in SHARED_DEFAULTS:
+                default, same = SHARED_DEFAULTS[key], " (dpo-dist's default too)"
+            else:
+                return None
             shown = "null (keep every checkpoint)" if key == "save_total_limit" else _show(default)
-            self.notes.append(f"{key}: absent: the source's default {shown} is written to {target}")
-        elif default is None:
-            default = SHARED_DEFAULTS.get(key)
+            self.note(key, f"the source's default {shown} is written to {target}{same}")
         return default
 
     def required(self, key: str, target: str) -> Any:
@@ -249,20 +309,75 @@ def _known_optimizers() -> set[str] | None:
     return {o.value for o in OptimizerNames}
 
 
+def _remote_code_family(model: str, template: Any) -> tuple[str, str] | None:
+    """(family, what matched it) for a model whose own code must run, else None. The model name wins over the
+    template."""
+    for family, pattern, _ in _REMOTE_CODE_FAMILIES:
+        if re.search(pattern, model.lower()):
+            return family, f"model_name_or_path {model}"
+    if isinstance(template, str):
+        for family, _, templates in _REMOTE_CODE_FAMILIES:
+            if template.lower() in templates:
+                return family, f"template_name {template}"
+    return None
+
+
+def _billions(model: str) -> float | None:
+    """The parameter count, in billions, that the model's name states (its last path part); None when it has none."""
+    sizes = [int(experts or 1) * float(size.replace("_", "."))
+             for experts, size in _SIZE.findall((Path(model).name or model).lower())]
+    return max(sizes) if sizes else None
+
+
+def _processes(n: int) -> str:
+    return f"{n} process" if n == 1 else f"{n} processes"
+
+
+def _zero3_offload(model: str, world_size: int) -> tuple[bool, str]:
+    """Whether a full fine-tune of `model` on `world_size` ZeRO-3 processes needs CPU offload, and why (a clause of a
+    note). The rule is stated at STATE_BYTES_PER_PARAM."""
+    limit = ZERO3_GPU_BUDGET_GB * world_size / STATE_BYTES_PER_PARAM  # billions of parameters
+    rule = (f"the rule: {STATE_BYTES_PER_PARAM} bytes of training state per parameter (weights, gradients, fp32 "
+            f"master weights, Adam moments) split over {_processes(world_size)}, at most {ZERO3_GPU_BUDGET_GB} GB per "
+            f"GPU (half an 80 GB H100), so offload above {limit:g}B parameters")
+    billions = _billions(model)
+    if billions is None:
+        return False, (f"the model's name states no parameter count, so no CPU offload; {rule} (use "
+                       f"{ZERO3_OFFLOAD_FILE} for such a model)")
+    total = round(billions * STATE_BYTES_PER_PARAM, 1)
+    share = round(total / world_size, 1)
+    if share > ZERO3_GPU_BUDGET_GB:
+        return True, (f"{billions:g}B parameters (from the model name) need about {total:g} GB of training state, "
+                      f"{share:g} GB per process, so parameters and optimizer states are offloaded to CPU RAM (about "
+                      f"{total:g} GB of it; much slower); {rule}")
+    return False, (f"{billions:g}B parameters (from the model name) need about {total:g} GB of training state, "
+                   f"{share:g} GB per process, so no CPU offload; {rule}")
+
+
+def _offloads(profile) -> bool:
+    """Whether the profile's ZeRO file moves parameters or optimizer states off the GPU."""
+    zero = profile.deepspeed_settings().get("zero_optimization", {})
+    devices = [(zero.get(key) or {}).get("device", "none") for key in ("offload_param", "offload_optimizer")]
+    return any(str(device) != "none" for device in devices)
+
+
 def _fitting_profile(method: str, precision: str, micro: int, world_size: int, optim: str, checkpointing: bool,
-                     zero: bool) -> str | None:
+                     zero: bool, offload: bool = False) -> str | None:
+    """The first shipped profile that fits exactly; with `zero`, a ZeRO-3 one that offloads exactly when `offload`."""
     from dpo_dist.profiles import load_profile, profile_names
 
     for name in profile_names():
         try:
             p = load_profile(name)
             backend = p.backend
+            zero_fits = (backend == "deepspeed" and _offloads(p) == offload
+                         and p.deepspeed_settings().get("zero_optimization", {}).get("stage") == 3)
         except ConfigError:
             continue
         if (p.device == "gpu" and p.world_size == world_size and p.micro_batch_size == micro
                 and method in p.methods and p.precision in (None, precision) and p.optim in (None, optim)
                 and p.gradient_checkpointing in (None, checkpointing)
-                and (backend == "deepspeed" if zero else backend in ("single", "ddp"))):
+                and (zero_fits if zero else backend in ("single", "ddp"))):
             return name
     return None
 
@@ -299,10 +414,30 @@ def convert(train_args: dict, source: str = "train_args.json", world_size: int =
         if template in template_names():
             r.carried["template_name"] = "model.template"
             model["template"] = template
+        elif template in _TEMPLATE_RENAMES:
+            model["template"], why = _TEMPLATE_RENAMES[template]
+            r.carried["template_name"] = "model.template"
+            r.note("template_name", f"changed to {model['template']}: {why}")
         else:
             r.note("template_name", f"not carried over: dpo-dist has no template of that name (it has "
                                     f"{', '.join(template_names())}); no template is set, so the tokenizer's own "
                                     "chat template is used; set model.template to choose one")
+
+    remote = _remote_code_family(model["name_or_path"], template)
+    if remote:
+        family, matched = remote
+        model["trust_remote_code"] = True
+        if matched.startswith("model_name_or_path"):
+            r.carried["model_name_or_path"] = "model.name_or_path, model.trust_remote_code"
+        r.notes.append(f"model.trust_remote_code: true: {family} models ship their own modelling code (matched by "
+                       f"{matched}), which the source runs too (it loads every model with trust_remote_code=True); "
+                       f"{_REMOTE_CODE_WARNING}")
+    else:
+        families = ", ".join(family for family, _, _ in _REMOTE_CODE_FAMILIES)
+        r.notes.append("model.trust_remote_code: false: the source loads every model with trust_remote_code=True, but "
+                       f"this one is not of a family that needs it ({families}), so no code from the model runs; set "
+                       "model.trust_remote_code: true only if it fails to load without its own code, and only for "
+                       "code you have read or trust")
 
     method_cfg: dict = {"type": method}
     lora_keys = (("lora_rank", "lora_r"), ("lora_alpha", "lora_alpha"), ("lora_dropout", "lora_dropout"))
@@ -346,8 +481,11 @@ def convert(train_args: dict, source: str = "train_args.json", world_size: int =
             r.drop(key, f"only applies to dpo, and this run is {stage}")
 
     # -- hyperparameters ------------------------------------------------------------------------------------------
-    fp16 = r.get("fp16", False)
-    bf16 = r.get("bf16", False)
+    fp16 = r.value("fp16", f"{TRAIN}.fp16")
+    bf16 = r.value("bf16", f"{TRAIN}.bf16")
+    for key in ("fp16", "bf16"):
+        if r.has(key):
+            r.carried[key] = f"{TRAIN}.{key}, profile.precision"
     if fp16 and bf16:
         raise ConfigError(f"{source}: fp16, bf16: both are true; choose one (fp16 for V100, bf16 for A100/H100)")
     precision = "fp16" if fp16 else "bf16" if bf16 else "fp32"
@@ -395,10 +533,6 @@ def convert(train_args: dict, source: str = "train_args.json", world_size: int =
     train["optim"] = optim
     checkpointing = r.value("gradient_checkpointing", f"{TRAIN}.gradient_checkpointing")
     train["gradient_checkpointing"] = checkpointing
-    if r.has("fp16"):
-        r.carried["fp16"] = f"{TRAIN}.fp16, profile.precision"
-    if r.has("bf16"):
-        r.carried["bf16"] = f"{TRAIN}.bf16, profile.precision"
     train["fp16"] = bool(fp16)
     train["bf16"] = bool(bf16)
     train["logging_steps"] = r.value("logging_steps", f"{TRAIN}.logging_steps")
@@ -416,7 +550,6 @@ def convert(train_args: dict, source: str = "train_args.json", world_size: int =
     stage_cfg["train"] = train
 
     # -- keys with no recipe equivalent ---------------------------------------------------------------------------
-    zero = bool(r.has("deepspeed") and r.get("deepspeed"))
     unsloth = r.get("use_unsloth", False)
     r.drop("use_unsloth", "dpo-dist does not use Unsloth; the profile's attention and checkpointing settings apply"
            if unsloth else "dpo-dist does not use Unsloth (the input did not enable it either)")
@@ -453,26 +586,56 @@ def convert(train_args: dict, source: str = "train_args.json", world_size: int =
     recipe["stages"] = [stage_cfg]
 
     # -- launch profile -------------------------------------------------------------------------------------------
-    shipped = _fitting_profile(method, precision, micro, world_size, optim, checkpointing, zero)
+    # A full fine-tune under the source's ZeRO file needs ZeRO-3 here too: one GPU cannot hold a 7B model's states.
     ds_path = r.get("deepspeed")
+    zero = bool(ds_path)
+    zero3_full = zero and method == "full"
+    offload, size_why = _zero3_offload(model["name_or_path"], world_size) if zero3_full else (False, "")
+    shipped = _fitting_profile(method, precision, micro, world_size, optim, checkpointing, zero, offload)
+    profile_name = shipped or f"{name}-profile"
+    ds_file = ZERO3_OFFLOAD_FILE if offload else ZERO3_FILE
     if r.has("deepspeed"):
+        stage_hint = re.search(r"(?:z|zero|stage)[_-]?([012])(?![0-9])", Path(str(ds_path)).name.lower())
+        other_stage = (f"; the input's file looks like ZeRO stage {stage_hint.group(1)}, and dpo-dist ships ZeRO-3 "
+                       "files only (they shard more, so what fitted still fits)") if ds_path and stage_hint else ""
         if not ds_path:
             r.drop("deepspeed", "empty: no DeepSpeed")
         elif shipped:
             from dpo_dist.profiles import load_profile
 
             r.drop("deepspeed", f"the backend is the launch profile's: {shipped} trains with "
-                                f"{load_profile(shipped).deepspeed_file().relative_to(_root())}; compare it with the "
-                                "input's ZeRO file if that sets offloading or another stage")
+                                f"{load_profile(shipped).deepspeed_file().relative_to(_root())}"
+                                + (f"; {size_why}" if size_why else "")
+                                + f"; compare it with the input's ZeRO file if that sets offloading or another "
+                                  f"stage{other_stage}")
+        elif zero3_full:
+            nodes = ("; the profile puts them on one node: for several nodes set num_nodes and num_processes per node"
+                     if world_size > 8 else "")
+            r.drop("deepspeed", f"the backend is the launch profile's: no shipped profile fits "
+                                f"{_processes(world_size)} × micro-batch {micro}, {precision}, {method}, optim "
+                                f"{optim}, so the written profile {profile_name} trains with DeepSpeed ZeRO-3 "
+                                f"({ds_file}) on {_processes(world_size)}{nodes}; {size_why}; compare {ds_file} with "
+                                f"the input's ZeRO file if that sets other options{other_stage}")
         else:
             suggestion = "8xh100-zero3-qlora" if method == "qlora" else "8xh100-zero3"
             r.drop("deepspeed", f"choose a ZeRO-3 launch profile such as {suggestion} instead (the backend belongs "
                                 f"to the launch profile; its global batch must divide by micro-batch × processes)")
-    profile: dict | None = None
-    if shipped:
-        profile_name = shipped
-    else:
-        profile_name = f"{name}-profile"
+    profile: dict | None = None  # None: the shipped profile fits
+    if not shipped and zero3_full:
+        profile = {
+            "name": profile_name,
+            "description": f"DeepSpeed ZeRO-3{' + CPU offload' if offload else ''} on {world_size} "
+                           f"GPU{'s' if world_size > 1 else ''}, {precision}, micro-batch {micro} (converted from "
+                           f"{Path(source).name})",
+            "launcher": "deepspeed",
+            "device": "gpu",
+            "deepspeed_config": ds_file,
+            "num_processes": world_size,
+            "micro_batch_size": micro,
+            "precision": precision,
+            "attn_implementation": "auto",
+        }
+    elif not shipped:
         profile = {
             "name": profile_name,
             "description": f"one GPU, {precision}, micro-batch {micro} (converted from {Path(source).name})",
@@ -604,7 +767,9 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     recipe_path.write_text("".join(f"# {line}\n" for line in header) + _yaml(conv.recipe), encoding="utf-8")
     if profile_path is not None:
-        prof_header = [f"Launch profile converted from {source} (dpo-dist import-firefly): one process, "
+        shape = (f"DeepSpeed ZeRO-3 on {_processes(conv.profile['num_processes'])}"
+                 if conv.profile["launcher"] == "deepspeed" else "one process")
+        prof_header = [f"Launch profile converted from {source} (dpo-dist import-firefly): {shape}, "
                        "micro-batch and precision from the input."]
         profile_path.write_text("".join(f"# {line}\n" for line in prof_header) + _yaml(conv.profile),
                                 encoding="utf-8")
