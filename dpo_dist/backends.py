@@ -63,6 +63,18 @@ def resolve(profile: Profile, launch: Launch, deepspeed_arg: str | None = None) 
     return Backend("ddp" if launch.world_size > 1 else "single", None, 0, {})
 
 
+def precision_notes(recipe: Recipe, profile: Profile) -> list[str]:
+    """One line per stage whose precision the profile changes (a profile's precision wins over the recipe's)."""
+    out = []
+    for stage in recipe.stages:
+        own = stage.train.precision
+        if profile.precision and profile.precision != own:
+            given = {"fp16": "fp16: true", "bf16": "bf16: true"}.get(own, "no fp16/bf16 key, so fp32")
+            out.append(f"[train] stages.{stage.name}: profile {profile.name} trains in {profile.precision}, not the "
+                       f"recipe's {own} ({given})")
+    return out
+
+
 def _fsdp_env() -> dict:
     """The FSDP settings accelerate launch exported (FSDP_* variables), in accelerate-YAML key form."""
     out = {}

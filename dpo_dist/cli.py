@@ -208,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default max_length/2)")
     p.add_argument("--max-lines", type=int, metavar="N", help="show at most N lines per kind of problem")
     p.add_argument("--strict", action="store_true", help="also fail (exit 1) on warnings")
+    p.add_argument("--profile", help="with a RECIPE: also run the checks training under this launch profile makes "
+                   "before loading weights (global batch split, methods, precision)")
     p.set_defaults(func=_validate)
 
     from dpo_dist import prepare

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from dpo_dist.export import stop_ids, write_generation_config
 from dpo_dist.models import DTYPES
 from dpo_dist.schema import ConfigError
 
@@ -60,7 +61,12 @@ def merge_adapter(base: str, adapter: str | Path, out: str | Path, dtype: str = 
         tmp = out.with_name(out.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        _tokenizer(adapter_dir, Path(adapter), base, trust_remote_code).save_pretrained(tmp)
+        tokenizer = _tokenizer(adapter_dir, Path(adapter), base, trust_remote_code)
+        tokenizer.save_pretrained(tmp)
+        # Stop where the adapter was trained to stop: the ids its export recorded, else its template's end of turn.
+        write_generation_config(tmp, base, tokenizer, _end_of_turn(tokenizer),
+                                also=stop_ids(adapter_dir) or stop_ids(Path(adapter)),
+                                trust_remote_code=trust_remote_code)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
@@ -191,6 +197,18 @@ def _tokenizer(adapter_dir: Path, given: Path, base: str, trust_remote_code: boo
 
         tokenizer.chat_template = get_template(recipe.model.template).standalone_source()
     return tokenizer
+
+
+def _end_of_turn(tokenizer) -> str | None:
+    """The end-of-turn token of the tokenizer's chat template (the one training saved with it), if it has one."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    from dpo_dist.data.render import Renderer, TemplateError
+
+    try:
+        return Renderer(tokenizer).eot_token
+    except TemplateError:
+        return None
 
 
 def describe(out: Path) -> str:

@@ -22,14 +22,28 @@ class StageData:
     eval: object | None
 
 
-def data_tokenizer(recipe: Recipe):
+def data_tokenizer(recipe: Recipe, log: Callable = print):
     """(tokenizer, renderer) for the data of every stage: the recipe's own model and template. A chained stage
-    trains on the previous stage's weights, whose saved tokenizer is this one."""
+    trains on the previous stage's weights, whose saved tokenizer is this one. The template chosen, and why, is
+    logged (and a warning when it replaces the tokenizer's own)."""
     from dpo_dist.data.render import Renderer
     from dpo_dist.models import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model)
-    return tokenizer, Renderer(tokenizer, recipe.model.template)
+    renderer = Renderer(tokenizer, recipe.model.template)
+    for line in template_lines(renderer):
+        log(line)
+    return tokenizer, renderer
+
+
+def template_lines(renderer) -> list[str]:
+    """What `prepare`, `train` and `validate` say about the chat template: the choice, and any warning."""
+    choice = renderer.choice
+    bos = f", BOS {renderer.bos}" if renderer.bos else ", no BOS"
+    lines = [f"[data] chat template: {choice.name} ({choice.why}); end of turn {renderer.eot_token}{bos}"]
+    if choice.warning:
+        lines.append(f"warning: {choice.warning}")
+    return lines
 
 
 def prepare_stage_data(stage: StageConfig, tokenizer, renderer, log: Callable = print,
@@ -51,7 +65,7 @@ def prepare_stage_data(stage: StageConfig, tokenizer, renderer, log: Callable = 
 def prepare_recipe(recipe: Recipe, log: Callable = print) -> int:
     """Tokenize every stage's data; one summary line per source (printed by prepare_dataset). Returns 0."""
     started = time.time()
-    tokenizer, renderer = data_tokenizer(recipe)
+    tokenizer, renderer = data_tokenizer(recipe, log)
     sources = 0
     for i, stage in enumerate(recipe.stages):
         log(f"[prepare] stage {i + 1}/{len(recipe.stages)}: {stage.name} ({stage.stage})")

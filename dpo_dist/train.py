@@ -51,6 +51,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
     from accelerate import PartialState
     from transformers import set_seed
 
+    from dpo_dist.export import write_generation_config
     from dpo_dist.merge import merge_adapter
     from dpo_dist.models import adapter_dtype, cast_trainable, load_model, lora_config
     from dpo_dist.prepare import data_tokenizer, prepare_stage_data
@@ -90,7 +91,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
     # data is tokenized with the recipe's own tokenizer, as `dpo-dist prepare` does (same cache entries).
     model_cfg = recipe.model if base_path == recipe.model.name_or_path else replace(
         recipe.model, name_or_path=base_path, tokenizer=None, revision=None)
-    tokenizer, renderer = data_tokenizer(recipe)
+    tokenizer, renderer = data_tokenizer(recipe, log=log if state.is_main_process else _quiet)
     # No collective here: every rank asks the cache, one builds each entry and the others wait on the entry itself
     # (dpo_dist.data.cache), so tokenizing for longer than collective_timeout_s is fine.
     data = prepare_stage_data(stage, tokenizer, renderer, log=log if state.is_main_process else _quiet,
@@ -147,10 +148,15 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
     output = run_dir / ("adapter" if peft_config is not None else "model")
     save_trained(trainer, output, peft=peft_config is not None)
     model_path = str(output)
+    eos_ids = None
     if is_main_process():
         if renderer.template is not None:  # the exported tokenizer renders chats as training did, in any tool
             tokenizer.chat_template = renderer.template.standalone_source()
         tokenizer.save_pretrained(str(output))
+        # ... and its generation config stops where training taught the model to stop (dpo_dist.export)
+        eos_ids = write_generation_config(output, base_path, tokenizer, renderer.eot_token,
+                                          trust_remote_code=recipe.model.trust_remote_code)
+        log(f"[train] {output}: generation stops at token ids {eos_ids} (EOS and end of turn)")
     trainer.accelerator.wait_for_everyone()
     if peft_config is not None and has_next and recipe.chain:
         merged = run_dir / "merged"
@@ -182,7 +188,10 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
         "train_runtime_s": round(time.time() - started, 2),
         "final": _last_train_log(trainer.state.log_history),
         "data": {"rows": train.report["rows"], "skipped": len(train.report["skipped"]),
+                 "left_out": len(train.report.get("no_supervised_tokens") or []),
                  "tokens": train.report["tokens"], "from_cache": train.from_cache},
+        "template": renderer.choice.as_dict(),
+        "eos_token_id": eos_ids,
     }
     if is_main_process():
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -212,6 +221,10 @@ def run_recipe(recipe: Recipe, profile: Profile, only: str | None = None, resume
         check_run(recipe, profile, launch, backend)
     if not is_main_process():
         log = _quiet
+    from dpo_dist.backends import precision_notes
+
+    for line in precision_notes(recipe, profile):
+        log(line)
     results: list[StageResult] = []
     base = recipe.model.name_or_path
     out = Path(recipe.output_dir)

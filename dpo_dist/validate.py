@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -83,9 +84,10 @@ _LENGTH_BATCH = 1000  # rows per token-length check, so a big source is never he
 
 
 def check_data(source: str, kind: str, fmt: str = "auto", split: str = "train",
-               limits: LengthLimits | None = None) -> SourceCheck:
+               limits: LengthLimits | None = None, on_bad_row: str = "skip") -> SourceCheck:
     """Read every row of ``source`` as ``kind`` data (streamed, by the reader training uses); collect bad rows,
-    warnings and file-level problems."""
+    warnings and file-level problems. With ``on_bad_row`` error (a recipe's), an SFT row with no assistant token
+    within max_length is a bad row, as training refuses it; otherwise a warning (training leaves it out)."""
     check = SourceCheck(source, kind)
     length_warnings: list[RowWarning] = []
     try:
@@ -105,7 +107,13 @@ def check_data(source: str, kind: str, fmt: str = "auto", split: str = "train",
         return check
     loaded = stream.result()
     check.rows, check.fmt = loaded.n_rows, loaded.fmt
-    check.bad, check.warnings = list(loaded.skipped), list(loaded.warnings) + length_warnings
+    check.bad, check.warnings = list(loaded.skipped), list(loaded.warnings)
+    for w in length_warnings:
+        if on_bad_row == "error" and w.kind == "no_supervised_tokens":
+            check.bad.append(BadRow(w.loc, w.field, w.reason.replace("training leaves the row out",
+                                                                     "training refuses it (on_bad_row: error)")))
+        else:
+            check.warnings.append(w)
     if not check.rows:
         check.problem = f"{source}: no usable rows ({_why_no_rows(source, len(loaded.skipped))})"
     return check
@@ -150,44 +158,135 @@ def report_lines(check: SourceCheck, max_lines: int | None = None) -> list[str]:
     return [_one_line(line) for line in lines]
 
 
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # what a hub repo id looks like (not a path)
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached from here, or None when it can (a TCP connect, bounded in time,
+    so an offline machine is told at once instead of waiting through download retries)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    result: list[str] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((url.hostname, port), timeout=timeout).close()
+            result.append("")
+        except OSError as err:
+            result.append(f"{endpoint} is unreachable ({err.__class__.__name__})")
+
+    worker = threading.Thread(target=connect, daemon=True)  # name resolution has no timeout of its own
+    worker.start()
+    worker.join(timeout + 1)
+    return (result[0] or None) if result else f"{endpoint} did not answer within {timeout:.0f} s"
+
+
+def _local_tokenizer(cfg):
+    """``cfg`` pointing at a local copy of its tokenizer: itself for a directory, the hub cache's snapshot for a
+    cached hub name; None for a hub name that is not cached."""
+    from dataclasses import replace
+
+    name = cfg.tokenizer or cfg.name_or_path
+    if os.path.isdir(name):
+        return cfg
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "tokenizer_config.json", revision=cfg.revision)
+    except Exception:  # not a valid repo name
+        return None
+    if not isinstance(cached, str):
+        return None
+    return replace(cfg, name_or_path=os.path.dirname(cached), tokenizer=None, revision=None)
+
+
 def _load_limits(tokenizer_cfg, template: str | None, out: Callable[[str], None]):
-    """(tokenizer, renderer), or None after printing why token-length checks are skipped."""
+    """(tokenizer, renderer); None after printing why token-length checks are skipped (the tokenizer cannot be
+    loaded). A chat template that training would refuse raises TemplateError: the same verdict as training."""
+    from dpo_dist.data.render import Renderer
+    from dpo_dist.models import load_tokenizer
+    from dpo_dist.prepare import template_lines
+
     name = tokenizer_cfg.tokenizer or tokenizer_cfg.name_or_path
+    if _HUB_NAME.fullmatch(name) and not os.path.exists(name):
+        offline = _hub_unreachable()
+        if offline is not None:
+            local = _local_tokenizer(tokenizer_cfg)
+            if local is None:
+                out(_one_line(f"warning: token-length checks skipped: {name!r} is not a local directory nor in the "
+                              f"Hugging Face cache, and {offline} (offline)"))
+                return None
+            tokenizer_cfg = local
     # The hub logs every connection retry; the one warning line below says what happened.
     hub_log = logging.getLogger("huggingface_hub")
     level = hub_log.level
     hub_log.setLevel(logging.ERROR)
     try:
-        from dpo_dist.data.render import Renderer
-        from dpo_dist.models import load_tokenizer
-
         tokenizer = load_tokenizer(tokenizer_cfg)
-        return tokenizer, Renderer(tokenizer, template)
-    except Exception as err:  # offline hub name, missing path, bad template...: the data checks still run
-        offline = os.path.isdir(name) or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        hint = "" if offline else " (set HF_HUB_OFFLINE=1 to skip the download attempt when offline)"
-        out(_one_line(f"warning: token-length checks skipped: cannot load the tokenizer {name!r}: "
-                      f"{_short(err)}{hint}"))
+    except Exception as err:  # missing path, broken files...: the data checks still run
+        out(_one_line(f"warning: token-length checks skipped: cannot load the tokenizer {name!r}: {_short(err)}"))
         return None
     finally:
         hub_log.setLevel(level)
+    renderer = Renderer(tokenizer, template)
+    for line in template_lines(renderer):
+        out(_one_line(line))
+    return tokenizer, renderer
+
+
+def _check_profile(path: str, overrides: list[str], profile_arg: str, out: Callable[[str], None]) -> str | None:
+    """What training under ``profile_arg`` would refuse before loading weights (global batch split, method,
+    precision), as one error line, or None; the profile's precision changes are printed."""
+    from dpo_dist.backends import precision_notes
+    from dpo_dist.launch import preflight
+    from dpo_dist.profiles import load_profile
+    from dpo_dist.recipe import load_recipe
+
+    profile = load_profile(profile_arg)
+    try:
+        preflight(path, profile, list(overrides), profile.num_nodes, sources=False)
+    except ConfigError as err:
+        return f"error: profile {profile.name}: {err}"
+    for line in precision_notes(load_recipe(path, list(overrides)), profile):
+        out(_one_line(line))
+    out(f"profile {profile.name}: the recipe fits it (global batch, methods, precision)")
+    return None
 
 
 def validate_recipe(path: str, overrides: list[str] = (), max_lines: int | None = None, strict: bool = False,
-                    out: Callable[[str], None] = print) -> int:
-    """Check every stage's data.train and data.eval. Returns the exit status (0 or 1)."""
+                    out: Callable[[str], None] = print, profile: str | None = None) -> int:
+    """Check every stage's data.train and data.eval (and, with ``profile``, what training under it would refuse).
+    Returns the exit status (0 or 1)."""
+    from dpo_dist.data.render import TemplateError
     from dpo_dist.recipe import load_recipe
 
     recipe = load_recipe(path, list(overrides))  # ConfigError propagates: exit 2
-    loaded = _load_limits(recipe.model, recipe.model.template, out)
     failed = False
+    if profile is not None:
+        problem = _check_profile(path, overrides, profile, out)
+        if problem:
+            out(_one_line(problem))
+            failed = True
+    try:
+        loaded = _load_limits(recipe.model, recipe.model.template, out)
+    except TemplateError as err:  # training stops here too, before any row
+        out(_one_line(f"error: {err}"))
+        loaded, failed = None, True
     for stage in recipe.stages:
         for which, source in (("train", stage.data.train), ("eval", stage.data.eval)):
             if not source:
                 continue
             out(_one_line(f"== stage {stage.name} ({stage.stage}) data.{which}: {source}"))
             limits = LengthLimits(*loaded, stage.max_length, stage.max_prompt_length) if loaded else None
-            check = check_data(source, stage.stage, stage.data.format, stage.data.split, limits)
+            check = check_data(source, stage.stage, stage.data.format, stage.data.split, limits,
+                               on_bad_row=stage.data.on_bad_row)
             for line in report_lines(check, max_lines):
                 out(line)
             failed |= check.failed(strict)
@@ -214,9 +313,18 @@ def validate_file(source: str, kind: str, fmt: str = "auto", split: str = "train
                           f"got {max_prompt_length}")
     limits = None
     if tokenizer is not None:
+        from dpo_dist.data.render import TemplateError
         from dpo_dist.recipe import ModelConfig
 
-        loaded = _load_limits(ModelConfig(name_or_path=tokenizer), template, out)
+        try:
+            loaded = _load_limits(ModelConfig(name_or_path=tokenizer), template, out)
+        except TemplateError as err:  # training refuses it too, before any row
+            out(_one_line(f"error: {err}"))
+            loaded = None
+            check = check_data(source, kind, fmt, split, None)
+            for line in report_lines(check, max_lines):
+                out(line)
+            return 1
         limits = LengthLimits(*loaded, max_length, max_prompt_length) if loaded else None
     check = check_data(source, kind, fmt, split, limits)
     for line in report_lines(check, max_lines):
@@ -231,6 +339,8 @@ def run(args) -> int:
     if args.data is not None:
         if args.recipe is not None or args.overrides:
             raise ConfigError("give either a RECIPE (with key=value overrides) or --data FILE, not both")
+        if args.profile is not None:
+            raise ConfigError("--profile: only with a RECIPE (a profile applies to a recipe's stages)")
         if args.kind is None:
             raise ConfigError("--data needs --format sft|dpo|pretrain (the kind of data)")
         return validate_file(args.data, args.kind, args.data_format, args.split, args.tokenizer, args.template,
@@ -243,4 +353,4 @@ def run(args) -> int:
     if given or args.data_format != "auto" or args.split != "train":
         raise ConfigError(f"{', '.join(given) or '--data-format/--split'}: only with --data; a recipe sets "
                           "these per stage (override them with key=value)")
-    return validate_recipe(args.recipe, args.overrides, args.max_lines, args.strict)
+    return validate_recipe(args.recipe, args.overrides, args.max_lines, args.strict, profile=args.profile)

@@ -147,12 +147,19 @@ def test_sft_rows_without_an_assistant_token_in_max_length_are_counted_not_hidde
     src = write_jsonl(tmp_path / "sft.jsonl", rows)
     logs: list[str] = []
     r = Renderer(tokenizer, "qwen")
-    out = tk.prepare_dataset("sft", str(src), tokenizer, r, max_length=48, log=logs.append)
-    assert len(out.dataset) == 2 and out.report["no_supervised_tokens"] == 1
-    assert out.dataset["loc"] == [f"{src}:1", f"{src}:3"]
+    # TRL would drop such a row without naming it; here it is refused by default, and named when left out.
+    with pytest.raises(DataError, match=rf"^{src}:2: no assistant token falls within max_length=48; raise "
+                                        "max_length, or set data.on_bad_row: skip"):
+        tk.prepare_dataset("sft", str(src), tokenizer, r, max_length=48, **QUIET)
+    out = tk.prepare_dataset("sft", str(src), tokenizer, r, max_length=48, on_bad_row="skip", log=logs.append)
+    assert len(out.dataset) == 2 and out.report["no_supervised_tokens"] == [f"{src}:2"]
+    assert out.dataset["loc"] == [f"{src}:1", f"{src}:3"] and "supervised" not in out.dataset.column_names
+    assert f"[data] left out {src}:2: no assistant token falls within max_length=48" in logs
     assert any("1 of 3 rows left out: no assistant token falls within max_length=48" in line for line in logs)
+    again = tk.prepare_dataset("sft", str(src), tokenizer, r, max_length=48, on_bad_row="skip", **QUIET)
+    assert again.from_cache and again.dataset["loc"] == out.dataset["loc"]
     with pytest.raises(DataError, match=rf"{src}: no row has an assistant token within max_length=16; raise "):
-        tk.prepare_dataset("sft", str(src), tokenizer, r, max_length=16, **QUIET)
+        tk.prepare_dataset("sft", str(src), tokenizer, r, max_length=16, on_bad_row="skip", **QUIET)
 
 
 # ---- dataset directories: the real `datasets` loaders on the layouts they read -----------------------------------
@@ -181,7 +188,7 @@ def test_a_hub_style_dataset_directory_is_read_by_split(tokenizer, tmp_path):
     test = tk.prepare_dataset("sft", str(repo), tokenizer, r, max_length=64, split="test", **QUIET)
     assert test.dataset["loc"] == [f"{repo}[test]#row 0", f"{repo}[test]#row 1"]
     assert tokenizer.decode([t for t, lab in zip(test.dataset[1]["input_ids"], test.dataset[1]["labels"])
-                             if lab != tk.IGNORE]) == "answer 6<|im_end|>\n"
+                             if lab != tk.IGNORE]) == "answer 6<|im_end|>"
     assert len(tk.prepare_dataset("sft", str(repo), tokenizer, r, max_length=64, **QUIET).dataset) == 5
 
 
@@ -367,9 +374,17 @@ def test_validate_says_which_rows_training_leaves_out(tokenizer, tmp_path):
 
     rows = [{"conversation": [{"human": "q " * n, "assistant": "a " * 30}]} for n in (1, 60)]
     src = write_jsonl(tmp_path / "sft.jsonl", rows)
-    check = check_data(str(src), "sft", limits=LengthLimits(tokenizer, Renderer(tokenizer, "qwen"), 48))
-    assert [(w.loc, w.reason.split("(")[-1]) for w in check.warnings] == [
-        (f"{src}:1", "it will be truncated)"),
-        (f"{src}:2", "no assistant token falls within it, so training leaves the row out)")]
-    out = tk.prepare_dataset("sft", str(src), tokenizer, Renderer(tokenizer, "qwen"), max_length=48, **QUIET)
-    assert out.dataset["loc"] == [f"{src}:1"] and out.report["no_supervised_tokens"] == 1  # the same verdict
+    limits = LengthLimits(tokenizer, Renderer(tokenizer, "qwen"), 48)
+    check = check_data(str(src), "sft", limits=limits)
+    assert [(w.loc, w.kind, w.reason.split(", ")[-1]) for w in check.warnings] == [
+        (f"{src}:1", "sft_too_long", "over max_length=48 (it will be truncated)"),
+        (f"{src}:2", "no_supervised_tokens", "so training leaves the row out")]
+    out = tk.prepare_dataset("sft", str(src), tokenizer, Renderer(tokenizer, "qwen"), max_length=48,
+                             on_bad_row="skip", **QUIET)
+    assert out.dataset["loc"] == [f"{src}:1"] and out.report["no_supervised_tokens"] == [f"{src}:2"]  # same verdict
+    # Under on_bad_row: error (a recipe's default) both refuse the row.
+    refused = check_data(str(src), "sft", limits=limits, on_bad_row="error")
+    assert [b.loc for b in refused.bad] == [f"{src}:2"] and refused.failed()
+    assert "training refuses it (on_bad_row: error)" in str(refused.bad[0])
+    with pytest.raises(DataError, match=f"{src}:2: "):
+        tk.prepare_dataset("sft", str(src), tokenizer, Renderer(tokenizer, "qwen"), max_length=48, **QUIET)

@@ -32,7 +32,7 @@ def user(text: str) -> str:
 
 
 def answer(text: str) -> str:
-    return f"{text}<|im_end|>\n"  # the end-of-turn token is supervised too, as in training
+    return f"{text}<|im_end|>"  # the end-of-turn token is supervised too, as in training; the newline after it is not
 
 
 def sum_logp(model, tokenizer, pieces: list[tuple[str, bool]]) -> tuple[float, int]:
@@ -162,8 +162,8 @@ def test_sft_loss_and_perplexity_match_the_token_nll_by_hand(capsys, tiny_base, 
         pieces, before = [], SYSTEM  # the system turn opens the first unsupervised piece
         for turn in row["conversation"]:
             pieces += [(before + user(turn["human"]), False), (answer(turn["assistant"]), True)]
-            before = ""
-        sequences.append(pieces)
+            before = "\n"  # what ChatML writes after the end-of-turn token opens the next unsupervised piece
+        sequences.append(pieces + [("\n", False)])
     scores = [sum_logp(model, tokenizer, pieces) for pieces in sequences]
     tokens = sum(n for _, n in scores)
     loss = -sum(logp for logp, _ in scores) / tokens  # token-weighted across the file, not a mean of row means

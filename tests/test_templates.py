@@ -38,11 +38,22 @@ GENERATION_SUFFIX = {
     "zephyr": "<|assistant|>\n",
     "vicuna": " ASSISTANT:",
     "baichuan2": "<reserved_107>",
+    "qwen2.5": "<|im_start|>assistant\n",
+    "qwen3": "<|im_start|>assistant\n<think>\n\n</think>\n\n",
+    "llama3.1": "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "gemma2": "<start_of_turn>model\n",
+    "gemma3": "<start_of_turn>model\n",
+    "phi4": "<|im_start|>assistant<|im_sep|>",
+    "mistral-v3": "[/INST]",
+    "mistral-v7": "[/INST]",
+    "deepseek-v3": "<｜Assistant｜>",
+    "deepseek-r1": "<｜Assistant｜><think>\n\n</think>\n\n",
+    "glm4": "<|assistant|>",
 }
 
 # [INST] formats close the user turn with this text; everywhere else it must come only
 # from add_generation_prompt or the assistant piece.
-CLOSES_USER_TURN = {"llama2", "mistral", "mixtral"}
+CLOSES_USER_TURN = {"llama2", "mistral", "mixtral", "mistral-v3", "mistral-v7"}
 
 ALL = template_names()
 
@@ -57,7 +68,8 @@ def conversation(with_system: bool) -> list[dict]:
 
 def test_registry_matches_template_files() -> None:
     files = {p.name[: -len(".jinja")] for p in resources.files("dpo_dist.templates").iterdir() if p.name.endswith(".jinja")}
-    assert files == set(ALL) - {"chatml"}
+    # Names that share another's turns (and differ in metadata) share its file.
+    assert files == set(ALL) - {"chatml", "qwen2.5", "gemma2", "gemma3"}
     assert set(GENERATION_SUFFIX) == set(ALL)
     assert ALL == sorted(ALL)
     for name in files:

@@ -43,8 +43,8 @@ def supervised_text(tokenizer, out) -> list[str]:
 def test_sft_supervises_every_assistant_turn_and_nothing_else(tokenizer):
     out = tokenize_sft({"messages": CONV}, tokenizer, Renderer(tokenizer, "qwen"), max_length=512)
     assert supervised_text(tokenizer, out) == [
-        "It is kind. It sleeps in the sun.<|im_end|>\n",
-        "It is calm. It sings at dawn.<|im_end|>\n",
+        "It is kind. It sleeps in the sun.<|im_end|>",
+        "It is calm. It sings at dawn.<|im_end|>",
     ]
     assert not out["truncated"]
 
@@ -78,7 +78,7 @@ def test_tokenizer_own_template_is_used_when_present(tokenizer):
     r = Renderer(tok)
     assert r.name == "tokenizer" and r.eot_token == "<|im_end|>"
     out = tokenize_sft({"messages": CONV[1:3]}, tok, r, max_length=512)
-    assert supervised_text(tok, out) == ["It is kind. It sleeps in the sun.<|im_end|>\n"]
+    assert supervised_text(tok, out) == ["It is kind. It sleeps in the sun.<|im_end|>"]
 
 
 def test_dpo_truncates_prompt_from_the_left_then_responses(tokenizer):
@@ -91,7 +91,7 @@ def test_dpo_truncates_prompt_from_the_left_then_responses(tokenizer):
                             add_special_tokens=False)["input_ids"]
     assert out["prompt_ids"] == full_prompt[-24:]  # the end of the prompt (generation header) is kept
     assert len(out["prompt_ids"]) + len(out["chosen_ids"]) == 64
-    assert tokenizer.decode(out["rejected_ids"]) == "It is rude.<|im_end|>\n"
+    assert tokenizer.decode(out["rejected_ids"]) == "It is rude.<|im_end|>"
     assert out["truncated"] and out["prompt_truncated"]
 
 
@@ -102,7 +102,7 @@ def test_dpo_short_rows_are_untouched(tokenizer):
     text = tokenizer.decode(out["prompt_ids"])
     assert text.startswith("<|im_start|>system\nBe brief.") and text.endswith("<|im_start|>assistant\n")
     assert "It is kind. It sleeps in the sun." in text  # the history is part of the prompt
-    assert tokenizer.decode(out["chosen_ids"]) == "It is calm.<|im_end|>\n"
+    assert tokenizer.decode(out["chosen_ids"]) == "It is calm.<|im_end|>"
     assert not out["truncated"]
 
 
@@ -128,7 +128,7 @@ def test_second_run_reads_the_cache_and_does_no_tokenization(tokenizer, tmp_path
     assert second.from_cache
     assert second.dataset["input_ids"] == first.dataset["input_ids"]
     # A different length, template or file content is a different cache entry.
-    assert not prepare_dataset("sft", str(src), tokenizer, r, max_length=32, log=lambda *_: None).from_cache
+    assert not prepare_dataset("sft", str(src), tokenizer, r, max_length=63, log=lambda *_: None).from_cache
     assert not prepare_dataset("sft", str(src), tokenizer, Renderer(tokenizer, "default"), max_length=64,
                                log=lambda *_: None).from_cache
     write_jsonl(src, [{"conversation": [{"human": "x", "assistant": "y"}]}] * 3)

@@ -322,9 +322,9 @@ def test_sft_row_over_max_length(tmp_path, tiny_tokenizer_path):
     out: list[str] = []
     assert validate_file(str(path), "sft", tokenizer=tiny_tokenizer_path, max_length=48, out=out.append) == 0
     # the long prompt pushes the whole answer past max_length: training leaves this row out, and validate says so
-    expected_line(out, str(path), 2, "row", "tokens, over max_length=48 (no assistant token falls within it, "
-                                            "so training leaves the row out)")
-    assert out[-1].endswith("1 warning (1 row over max_length)")
+    expected_line(out, str(path), 2, "row", "tokens, over max_length=48, and no assistant token falls within it, "
+                                            "so training leaves the row out")
+    assert out[-1].endswith("1 warning (1 row with no assistant token within max_length (left out))")
 
 
 def test_unloadable_tokenizer_skips_token_checks_with_one_warning(tmp_path):

@@ -61,6 +61,8 @@ WARNING_KINDS = {
     "prompt_too_long": ("prompt longer than max_prompt_length", "prompts longer than max_prompt_length"),
     "response_truncated": ("prompt+response over max_length", "prompt+responses over max_length"),
     "sft_too_long": ("row over max_length", "rows over max_length"),
+    "no_supervised_tokens": ("row with no assistant token within max_length (left out)",
+                             "rows with no assistant token within max_length (left out)"),
 }
 
 Records = Iterator[tuple[str, Any]]  # (loc, decoded record, a _RowError or a RowWarning)

@@ -1,9 +1,14 @@
 """Canonical rows → token ids + label masks, in parallel, cached on disk.
 
-- SFT: every assistant turn is supervised (including its end-of-turn token); everything else is -100.
+- SFT: each assistant turn's text after its header, through its end-of-turn token, is supervised; everything else
+  is -100 (system, user and header text, and what a template writes after the end-of-turn token, such as ChatML's
+  newline). A row with no supervised token within `max_length` is refused (`on_bad_row: error`) or left out and
+  named in the report (`skip`).
+- BOS: where the tokenizer's model expects one (dpo_dist.data.render.expected_bos), every SFT sequence, DPO prompt
+  and pretraining document starts with exactly one.
 - DPO: system + history + prompt rendered with the chat template; the prompt is truncated from the left to
   `max_prompt_length` first, then the responses are cut so prompt + response fits `max_length`.
-- Pretrain: each text + EOS, concatenated and cut into `max_length` blocks; the last, shorter block is kept.
+- Pretrain: each text (+ BOS first, where expected) + EOS, concatenated and cut into `max_length` blocks; the last, shorter block is kept.
 
 The pipeline streams: rows go from the source into an Arrow file a bounded batch at a time (validated on the way,
 dpo_dist.data.formats.RowStream), are tokenized in batches by `data.num_proc` processes into Arrow files
@@ -28,7 +33,7 @@ from datasets import Dataset, concatenate_datasets
 from dpo_dist.data import cache
 from dpo_dist.data.cache import cache_home, cache_root, tokenizer_fingerprint  # noqa: F401  (public here too)
 from dpo_dist.data.formats import DataError, RowStream, RowWarning, describe_warning_counts, count_warnings, no_rows_error
-from dpo_dist.data.render import Renderer
+from dpo_dist.data.render import Renderer, TemplateError
 
 IGNORE = -100
 SKIPPED_LOG_MAX = 50  # skipped rows logged one per line; data_report.json lists every one
@@ -108,12 +113,15 @@ def encode_dpo(rows: list[dict], tokenizer, renderer: Renderer, max_length: int,
                                                                    [row["chosen"], row["rejected"]])
         texts += [prompt_text, *completions]
     ids = _encode(tokenizer, texts)
+    bos = tokenizer.convert_tokens_to_ids(renderer.bos) if renderer.bos else None
     out = []
     for k in range(len(rows)):
         prompt_ids, chosen_ids, rejected_ids = ids[3 * k: 3 * k + 3]
         prompt_truncated = len(prompt_ids) > max_prompt_length
         if prompt_truncated:
-            prompt_ids = prompt_ids[-max_prompt_length:]  # keep the end: the latest turn matters most
+            # Keep the end (the latest turn matters most), and the sequence's BOS where the model expects one.
+            keep = max_prompt_length - (bos is not None)
+            prompt_ids = ([bos] if bos is not None else []) + prompt_ids[len(prompt_ids) - keep:]
         budget = max_length - len(prompt_ids)
         response_truncated = len(chosen_ids) > budget or len(rejected_ids) > budget
         out.append({
@@ -145,24 +153,49 @@ _DPO_COLUMNS = {"prompt_ids": _IDS, "chosen_ids": _IDS, "rejected_ids": _IDS, "t
                 "prompt_truncated": pa.bool_()}
 
 
+def _located(batch: dict, render_one, encode):
+    """``encode()``; when the chat template refuses a row, a DataError naming the first such row's location."""
+    try:
+        return encode()
+    except TemplateError as err:
+        for k, loc in enumerate(batch["loc"]):
+            try:
+                render_one(k)
+            except TemplateError as row_err:
+                raise DataError(f"{loc}: {row_err}; fix or drop the row, or choose another `model.template`") from None
+        raise DataError(f"{batch['loc'][0]}: {err}") from None
+
+
 def _sft_batch(batch: dict, tokenizer, renderer: Renderer, max_length: int) -> pa.Table:
-    table = encode_sft(batch["messages"], tokenizer, renderer, max_length).append_column(
-        "loc", pa.array(batch["loc"], pa.string()))
-    # A row whose assistant tokens all fall past max_length teaches nothing; it is counted in the report.
-    return table.filter(table.column("supervised")).drop(["supervised"])
+    # ``supervised`` stays: a row whose assistant tokens all fall past max_length teaches nothing, and _build reports
+    # it by its location (TRL would drop it without a word) before leaving it out.
+    table = _located(batch, lambda k: renderer.segments(renderer.prepare(batch["messages"][k])),
+                     lambda: encode_sft(batch["messages"], tokenizer, renderer, max_length))
+    return table.append_column("loc", pa.array(batch["loc"], pa.string()))
+
+
+def _supervised_only(table: pa.Table) -> pa.Table:
+    return table.filter(table.column("supervised"))
 
 
 def _dpo_batch(batch: dict, tokenizer, renderer: Renderer, max_length: int, max_prompt_length: int) -> pa.Table:
     rows = [{"prompt": p, "chosen": c, "rejected": r}
             for p, c, r in zip(batch["prompt"], batch["chosen"], batch["rejected"])]
-    return _table(encode_dpo(rows, tokenizer, renderer, max_length, max_prompt_length), batch["loc"], _DPO_COLUMNS)
+    encoded = _located(batch, lambda k: renderer.prompt_and_completions(renderer.prepare(rows[k]["prompt"]),
+                                                                        [rows[k]["chosen"], rows[k]["rejected"]]),
+                       lambda: encode_dpo(rows, tokenizer, renderer, max_length, max_prompt_length))
+    return _table(encoded, batch["loc"], _DPO_COLUMNS)
 
 
-def _text_batch(batch: dict, tokenizer) -> pa.Table:
+def _text_batch(batch: dict, tokenizer, bos: str | None = None) -> pa.Table:
+    """Each document's ids, starting with one BOS where the model expects one, ending with EOS (which separates
+    documents in the packed stream)."""
     ids = _encode(tokenizer, batch["text"])
-    if tokenizer.eos_token_id is not None:
-        for piece in ids:
-            piece.append(tokenizer.eos_token_id)  # documents are separated by EOS in the packed stream
+    bos_id = tokenizer.convert_tokens_to_ids(bos) if bos else None
+    eos_id = tokenizer.eos_token_id
+    if bos_id is not None or eos_id is not None:
+        ids = [([bos_id] if bos_id is not None and piece[:1] != [bos_id] else []) + piece
+               + ([eos_id] if eos_id is not None else []) for piece in ids]
     return pa.table({"input_ids": pa.array(ids, type=_IDS)})
 
 
@@ -188,11 +221,13 @@ def token_length_warnings(rows: list[dict], kind: str, tokenizer, renderer: Rend
                 n += size
             if n <= max_length:
                 continue
-            what = "it will be truncated"
             if first_supervised is None or first_supervised >= max_length:
-                what = "no assistant token falls within it, so training leaves the row out"
-            out.append(RowWarning(row.get("loc", "?"), "row", "sft_too_long",
-                                  f"row is {n} tokens, over max_length={max_length} ({what})"))
+                out.append(RowWarning(row.get("loc", "?"), "row", "no_supervised_tokens",
+                                      f"row is {n} tokens, over max_length={max_length}, and no assistant token falls "
+                                      "within it, so training leaves the row out"))
+            else:
+                out.append(RowWarning(row.get("loc", "?"), "row", "sft_too_long",
+                                      f"row is {n} tokens, over max_length={max_length} (it will be truncated)"))
         return out
     if kind != "dpo":
         return []  # pretraining text is packed into blocks: nothing is cut
@@ -335,6 +370,33 @@ def _write_rows(stream: RowStream, kind: str, path: Path, max_rows: int | None, 
     return written
 
 
+def _leave_out_unsupervised(ds: Dataset, source: str, n: int, max_length: int, on_bad_row: str, tmp: Path,
+                            log) -> tuple[list[str], Dataset]:
+    """SFT rows with no assistant token within max_length teach nothing: refused under on_bad_row error, else left
+    out, each named by its location in the log (capped) and in the report."""
+    supervised = ds.data.column("supervised")
+    if pc.all(supervised).as_py() is not False:
+        return [], ds
+    locs = ds.data.column("loc").filter(pc.invert(supervised)).to_pylist()
+    why = f"no assistant token falls within max_length={max_length}"
+    if on_bad_row == "error":
+        more = f" (and {len(locs) - 1} more rows)" if len(locs) > 1 else ""
+        raise DataError(f"{locs[0]}: {why}{more}; raise max_length, or set data.on_bad_row: skip to leave such rows "
+                        "out (`dpo-dist validate` lists them)")
+    if len(locs) == n:
+        raise DataError(f"{source}: no row has an assistant token within max_length={max_length}; raise max_length "
+                        "(`dpo-dist validate` lists the rows over it)")
+    for loc in locs[:SKIPPED_LOG_MAX]:
+        log(f"[data] left out {loc}: {why}")
+    if len(locs) > SKIPPED_LOG_MAX:
+        log(f"[data] ... and {len(locs) - SKIPPED_LOG_MAX} more: all {len(locs)} are listed in data_report.json")
+    log(f"[data] {source}: {len(locs)} of {n} rows left out: {why}")
+    kept = ds.with_format("arrow").map(_supervised_only, batched=True, batch_size=ROWS_BATCH,
+                                       cache_file_name=str(tmp / "supervised.arrow"), load_from_cache_file=False,
+                                       desc="Leaving out unsupervised rows")
+    return locs, kept.with_format(None)
+
+
 def _list_tokens(ds: Dataset, column: str) -> int:
     return int(pc.sum(pc.list_value_length(ds.data.column(column))).as_py() or 0)
 
@@ -366,7 +428,8 @@ def _build(tmp: Path, kind: str, source: str, tokenizer, renderer: Renderer, *, 
                                                 max_prompt_length=max_prompt_length),
                      remove_columns=raw.column_names, **common)
     elif kind == "pretrain":
-        tok = raw.map(_text_batch, fn_kwargs=dict(tokenizer=tokenizer), remove_columns=raw.column_names, **common)
+        tok = raw.map(_text_batch, fn_kwargs=dict(tokenizer=tokenizer, bos=renderer.bos),
+                      remove_columns=raw.column_names, **common)
         progress = _Progress(f"Packing {Path(source).name}", " docs", show_progress)
         _write_blocks(tok, max_length, tmp / "blocks.arrow", progress)
         progress.close()
@@ -374,6 +437,9 @@ def _build(tmp: Path, kind: str, source: str, tokenizer, renderer: Renderer, *, 
     else:
         raise ValueError(f"unknown data kind {kind!r}")
 
+    left_out = []
+    if kind == "sft":
+        left_out, ds = _leave_out_unsupervised(ds, source, n, max_length, on_bad_row, tmp, log)
     report = {
         "source": source,
         "format": loaded.fmt,
@@ -382,16 +448,12 @@ def _build(tmp: Path, kind: str, source: str, tokenizer, renderer: Renderer, *, 
         "skipped": [str(b) for b in loaded.skipped],
         "warnings": warning_counts,
         "examples": len(ds),
-        "template": renderer.name,
+        "template": renderer.choice.as_dict(),
         "eot_token": renderer.eot_token,
+        "bos_token": renderer.bos,
     }
-    if kind == "sft" and not len(ds):
-        raise DataError(f"{source}: no row has an assistant token within max_length={max_length}; raise max_length "
-                        "(`dpo-dist validate` lists the rows over it)")
-    if kind == "sft" and len(ds) < n:
-        report["no_supervised_tokens"] = n - len(ds)
-        log(f"[data] {source}: {n - len(ds)} of {n} rows left out: no assistant token falls within "
-            f"max_length={max_length} (`dpo-dist validate` lists the rows over max_length)")
+    if kind == "sft":
+        report["no_supervised_tokens"] = left_out
     if "truncated" in ds.column_names:
         report["truncated"] = int(pc.sum(ds.data.column("truncated")).as_py() or 0)
         if report["truncated"]:
@@ -400,7 +462,7 @@ def _build(tmp: Path, kind: str, source: str, tokenizer, renderer: Renderer, *, 
     report["tokens"] = sum(_list_tokens(ds, c) for c in columns)
     report["files"] = sorted({Path(f["filename"]).name for f in ds.cache_files})
     del ds, raw
-    for name in ("rows.arrow", *(["tokens*.arrow"] if kind == "pretrain" else [])):
+    for name in ("rows.arrow", *(["tokens*.arrow"] if kind == "pretrain" or left_out else [])):
         for f in tmp.glob(name):
             f.unlink()
     report["seconds"] = round(time.time() - started, 2)
@@ -409,7 +471,8 @@ def _build(tmp: Path, kind: str, source: str, tokenizer, renderer: Renderer, *, 
 
 def _load(entry: cache.Entry, report: dict) -> Dataset:
     parts = [Dataset.from_file(str(entry.path / name)) for name in report["files"]]
-    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+    ds = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+    return ds.remove_columns(["supervised"]) if "supervised" in ds.column_names else ds
 
 
 def summary_line(report: dict, path: Path) -> str:

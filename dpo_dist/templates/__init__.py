@@ -24,6 +24,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 __all__ = [
     "ChatTemplate",
     "apply_default_system",
+    "detect_family",
     "get_template",
     "template_names",
 ]
@@ -34,6 +35,7 @@ class _Meta:
     default_system: str | None = None
     # None means the tokenizer's eos_token closes an assistant turn.
     end_of_turn: str | None = None
+    file: str | None = None  # the .jinja file, when another name's (same turns, other metadata); default: the name
 
 
 _META: dict[str, _Meta] = {
@@ -55,6 +57,19 @@ _META: dict[str, _Meta] = {
     ),
     "baichuan2": _Meta(),
     "internlm2": _Meta("You are an AI assistant whose name is InternLM (书生·浦语).", "<|im_end|>"),
+    "qwen2.5": _Meta("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.", "<|im_end|>", "qwen"),
+    "qwen3": _Meta(None, "<|im_end|>"),
+    "llama3.1": _Meta(None, "<|eot_id|>"),
+    "gemma2": _Meta(None, "<end_of_turn>", "gemma"),
+    "gemma3": _Meta(None, "<end_of_turn>", "gemma"),
+    "phi4": _Meta(None, "<|im_end|>"),
+    "mistral-v3": _Meta(None, "</s>"),
+    "mistral-v7": _Meta(None, "</s>"),
+    "deepseek-v3": _Meta(None, "<｜end▁of▁sentence｜>"),
+    "deepseek-r1": _Meta(None, "<｜end▁of▁sentence｜>"),
+    # GLM's own fine-tuning ends an answer at the next <|user|>, which would then open the next user turn twice;
+    # <|endoftext|> is the tokenizer's EOS and one of the model's stop tokens.
+    "glm4": _Meta(None, "<|endoftext|>"),
 }
 
 # Alternative names that resolve to a registered template (no separate file).
@@ -136,7 +151,7 @@ def template_names() -> list[str]:
 @lru_cache(maxsize=None)
 def _build(name: str) -> ChatTemplate:
     meta = _META[name]
-    return ChatTemplate(name, _load_source(name), meta.default_system, meta.end_of_turn)
+    return ChatTemplate(name, _load_source(meta.file or name), meta.default_system, meta.end_of_turn)
 
 
 def get_template(name: str) -> ChatTemplate:
@@ -157,3 +172,39 @@ def apply_default_system(template: ChatTemplate, messages: Sequence[Mapping[str,
     if template.default_system is not None and not any(m.get("role") == "system" for m in out):
         out.insert(0, {"role": "system", "content": template.default_system})
     return out
+
+
+# Model families recognised in a tokenizer, first match wins: (template, what its own chat template contains, what its
+# vocabulary holds). The template rules come first: a chat template names its format more precisely than tokens do
+# (Llama 3 and 3.1 share a vocabulary; DeepSeek V3 and R1 share one).
+_FAMILIES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
+    ("deepseek-r1", ("<｜Assistant｜>", "<think>"), ()),
+    ("deepseek-v3", ("<｜Assistant｜>",), ("<｜Assistant｜>", "<｜User｜>")),
+    ("glm4", ("[gMASK]<sop>",), ("[gMASK]", "<sop>", "<|assistant|>")),
+    ("qwen3", ("<|im_start|>", "<think>"), ("<|im_start|>", "<think>")),
+    ("qwen2.5", ("<|im_start|>", "You are Qwen, created by Alibaba Cloud"), ("<|im_start|>", "<|fim_prefix|>")),
+    ("phi4", ("<|im_sep|>",), ("<|im_start|>", "<|im_sep|>")),
+    ("llama3.1", ("<|start_header_id|>", "Cutting Knowledge Date"), ()),
+    ("llama3", ("<|start_header_id|>",), ("<|start_header_id|>", "<|eot_id|>")),
+    ("gemma3", ("<start_of_turn>", "first_user_prefix"), ("<start_of_turn>", "<start_of_image>")),
+    ("gemma2", ("<start_of_turn>",), ("<start_of_turn>", "<end_of_turn>")),
+    ("mistral-v7", ("[SYSTEM_PROMPT]",), ("[SYSTEM_PROMPT]", "[INST]")),
+    ("mistral-v3", ("[INST]", "[AVAILABLE_TOOLS]"), ("[INST]", "[AVAILABLE_TOOLS]")),
+    ("qwen", ("<|im_start|>",), ("<|im_start|>", "<|im_end|>")),
+)
+
+
+def detect_family(tokenizer: Any) -> tuple[str, str] | None:
+    """(registry template name, the evidence) for the model family ``tokenizer`` belongs to, or None.
+
+    Its own chat template's text is read first, then its vocabulary."""
+    own = getattr(tokenizer, "chat_template", None)
+    own = own if isinstance(own, str) else ""
+    for name, in_template, _ in _FAMILIES:
+        if own and in_template and all(text in own for text in in_template):
+            return name, f"its chat template contains {', '.join(repr(t) for t in in_template)}"
+    vocab = tokenizer.get_vocab()
+    for name, _, tokens in _FAMILIES:
+        if tokens and all(t in vocab for t in tokens):
+            return name, f"its vocabulary has {', '.join(repr(t) for t in tokens)}"
+    return None
