@@ -62,8 +62,42 @@ def prepare_stage_data(stage: StageConfig, tokenizer, renderer, log: Callable = 
     return StageData(prepare(data.train), prepare(data.eval) if data.eval else None)
 
 
-def prepare_recipe(recipe: Recipe, log: Callable = print) -> int:
-    """Tokenize every stage's data; one summary line per source (printed by prepare_dataset). Returns 0."""
+OPEN, CLOSE = "«", "»"  # around the supervised spans in --show
+
+
+def _marked(tokenizer, ids: list[int], supervised: list[bool]) -> str:
+    """The decoded ids, each run of supervised tokens between « and », newlines shown as \\n (one line per row)."""
+    out, start = [], 0
+    for k in range(1, len(ids) + 1):
+        if k == len(ids) or supervised[k] != supervised[start]:
+            text = tokenizer.decode(ids[start:k], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            out.append(f"{OPEN}{text}{CLOSE}" if supervised[start] else text)
+            start = k
+    return "".join(out).replace("\r", "\\r").replace("\n", "\\n")
+
+
+def show_rows(dataset, kind: str, tokenizer, n: int) -> list[str]:
+    """The first ``n`` tokenized rows as training sees them: every token decoded (BOS and end of turn included),
+    the supervised ones marked «like this»."""
+    lines = []
+    for k, row in enumerate(dataset.select(range(min(n, len(dataset))))):
+        where = f" ({row['loc']})" if "loc" in row else ""
+        if kind == "dpo":
+            prompt = _marked(tokenizer, row["prompt_ids"], [False] * len(row["prompt_ids"]))
+            lines.append(f"[show] row {k + 1}{where}: prompt {len(row['prompt_ids'])} tokens: {prompt}")
+            for side in ("chosen", "rejected"):
+                ids = row[f"{side}_ids"]
+                lines.append(f"[show]   {side} {len(ids)} tokens: {_marked(tokenizer, ids, [True] * len(ids))}")
+        else:
+            supervised = [label != -100 for label in row["labels"]] if kind == "sft" else [True] * len(row["labels"])
+            lines.append(f"[show] row {k + 1}{where}: {len(row['input_ids'])} tokens, {sum(supervised)} supervised: "
+                         f"{_marked(tokenizer, row['input_ids'], supervised)}")
+    return lines
+
+
+def prepare_recipe(recipe: Recipe, log: Callable = print, show: int = 0) -> int:
+    """Tokenize every stage's data; one summary line per source (printed by prepare_dataset), then the first ``show``
+    rows of each stage's training data (show_rows). Returns 0."""
     started = time.time()
     tokenizer, renderer = data_tokenizer(recipe, log)
     sources = 0
@@ -71,6 +105,11 @@ def prepare_recipe(recipe: Recipe, log: Callable = print) -> int:
         log(f"[prepare] stage {i + 1}/{len(recipe.stages)}: {stage.name} ({stage.stage})")
         data = prepare_stage_data(stage, tokenizer, renderer, log=log)
         sources += 1 + (data.eval is not None)
+        if show:
+            log(f"[show] stage {stage.name}: the first {show} training rows as tokenized, supervised tokens "
+                f"{OPEN}marked{CLOSE}")
+            for line in show_rows(data.train.dataset, stage.stage, tokenizer, show):
+                log(line)
     log(f"[prepare] {sources} source{'' if sources == 1 else 's'} ready in {time.time() - started:.1f} s; "
         "training on this recipe reads them from the cache")
     return 0
@@ -86,11 +125,15 @@ def run(args) -> int:
 
     from dpo_dist.backends import check_sources
 
+    if args.show < 0:
+        from dpo_dist.schema import ConfigError
+
+        raise ConfigError(f"--show: must be >= 0, got {args.show}")
     recipe = load_recipe(args.recipe, args.overrides)  # ConfigError: exit 2
     load_profile(args.profile)  # checked, so the train command line works as it is; it changes no token
     check_sources(recipe)
     try:
-        return prepare_recipe(recipe)
+        return prepare_recipe(recipe, show=args.show)
     except (DataError, TemplateError, BuildFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -103,5 +146,7 @@ def add_parser(sub) -> None:
     p.add_argument("overrides", nargs="*", help="key=value overrides (the same as for train)")
     p.add_argument("--profile", help="accepted so that train's command line works unchanged; a profile never "
                    "changes tokenization")
+    p.add_argument("--show", type=int, default=0, metavar="N", help="print the first N tokenized training rows of "
+                   "each stage, every token decoded (BOS, end of turn), the supervised ones «marked»")
     p.set_defaults(func=run)
 

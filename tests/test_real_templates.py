@@ -240,3 +240,111 @@ def test_a_merged_export_stops_at_the_end_of_turn_in_plain_transformers(tmp_path
         answers[model_dir] = decode(tokenizer, out.tolist())
     assert answers[base].startswith("It is kind.<|eot_id|> The owl is")  # the base's config runs past the turn
     assert answers[merged] == "It is kind.<|eot_id|>"  # the export's stops at its end
+
+
+def test_prepare_show_prints_the_rows_as_trained_with_the_supervised_spans_marked(family, tmp_path, capsys):
+    from dpo_dist.cli import main
+
+    name, path, tokenizer = family
+    facts = FAMILY_FACTS[name]
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"conversation": [
+        {"human": "Tell me about the fox.", "assistant": "It is kind."},
+        {"human": "Where does it sleep?", "assistant": "In the sun."}]}])
+    dpo = write_jsonl(tmp_path / "dpo.jsonl", [{"prompt": "Describe the owl.", "chosen": "It is calm.",
+                                                "rejected": "It is rude."}])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({
+        "name": "show", "model": {"name_or_path": str(path)}, "output_dir": str(tmp_path / "o"),
+        "stages": [{"stage": "sft", "data": {"train": str(sft)}, "max_length": 256},
+                   {"stage": "dpo", "data": {"train": str(dpo)}, "max_length": 256}]}))
+    assert main(["prepare", str(recipe), "--show", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(ln.startswith(f"[data] chat template: {CHOSEN[name]} (") for ln in lines), lines
+    (row,) = [ln for ln in lines if ln.startswith(f"[show] row 1 ({sft}:1): ")]
+    eot = facts["end_of_turn"]
+    assert row.count("«") == 2 and f"«It is kind.{eot}»" in row and f"«In the sun.{eot}»" in row
+    text = row.split(" supervised: ", 1)[1]
+    assert text.startswith(facts["bos"] or "") and text.count(facts["bos"] or "\0") == (1 if facts["bos"] else 0)
+    (prompt,) = [ln for ln in lines if ln.startswith(f"[show] row 1 ({dpo}:1): prompt ")]
+    assert prompt.endswith(generation_prompt(name).replace("\n", "\\n"))
+    assert any(ln.startswith("[show]   chosen ") and ln.endswith(f" tokens: «It is calm.{eot}»") for ln in lines)
+
+
+# ---- templates that are not prefix-stable: never a traceback, and validate says what train does -------------------
+
+NOT_PREFIX_STABLE = (  # drops every earlier assistant turn's text: only the last answer survives a new turn
+    "{% for m in messages %}{% if m['role'] == 'user' %}<|im_start|>user\n{{ m['content'] }}<|im_end|>\n"
+    "{% elif loop.last %}<|im_start|>assistant\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+MARKED = (  # the same turns, with {% generation %} around each answer and its end of turn
+    "{% for m in messages %}{% if m['role'] == 'user' %}<|im_start|>user\n{{ m['content'] }}<|im_end|>\n"
+    "{% else %}<|im_start|>assistant\n{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_generation_markers_give_the_masks_for_a_template_of_its_own(tiny_base):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_base))
+    tokenizer.chat_template = MARKED
+    renderer = Renderer(tokenizer)
+    assert renderer.choice.name == "tokenizer:generation" and renderer.markers
+    out = tk.tokenize_sft({"messages": THREE_TURNS}, tokenizer, renderer, max_length=512)
+    assert supervised_spans(tokenizer, out["input_ids"], out["labels"]) == [a + "<|im_end|>" for a in ANSWERS]
+    assert decode(tokenizer, out["input_ids"]) == tokenizer.apply_chat_template(THREE_TURNS, tokenize=False)
+    dpo = tk.tokenize_dpo({"prompt": THREE_TURNS[:1], "chosen": "Yes.", "rejected": "No."}, tokenizer, renderer,
+                          max_length=128, max_prompt_length=64)
+    assert decode(tokenizer, dpo["prompt_ids"]) == "<|im_start|>user\nTell me about the fox.<|im_end|>\n" \
+                                                  "<|im_start|>assistant\n"
+    assert decode(tokenizer, dpo["chosen_ids"]) == "Yes.<|im_end|>"
+
+
+def unstable_recipe(tmp_path, base, name: str) -> str:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    tokenizer.chat_template = NOT_PREFIX_STABLE
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    for extra in base.iterdir():  # the model files beside it, so train can load the model
+        if not (tmp_path / "tok" / extra.name).exists():
+            (tmp_path / "tok" / extra.name).symlink_to(extra)
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"conversation": [{"human": "q", "assistant": "a"}] * 2}] * 4)
+    recipe = tmp_path / f"{name}.yaml"
+    recipe.write_text(json.dumps({
+        "name": name, "model": {"name_or_path": str(tmp_path / "tok")}, "output_dir": str(tmp_path / "o"),
+        "method": {"type": "lora"}, "train": {"max_steps": 1, "global_batch_size": 2},
+        "stages": [{"stage": "sft", "data": {"train": str(sft)}, "max_length": 64}]}))
+    return str(recipe)
+
+
+def test_a_template_of_no_known_family_that_is_not_prefix_stable_gets_one_error_from_validate_and_train(
+        tiny_base, tmp_path, capsys, monkeypatch):
+    """The tiny base's vocabulary is ChatML's, so its family would be found; a vocabulary of no known family is
+    made by hiding it."""
+    from dpo_dist import templates
+    from dpo_dist.cli import main
+    from dpo_dist.train import main as train_main
+
+    monkeypatch.setattr(templates, "_FAMILIES", ())
+    recipe = unstable_recipe(tmp_path, tiny_base, "unstable")
+    assert main(["validate", recipe]) == 1
+    out = capsys.readouterr()
+    (error,) = [ln for ln in out.out.splitlines() if ln.startswith("error: ")]
+    assert "not prefix-stable" in error and "set `model.template` to one of: " in error
+    assert train_main([recipe]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == error and "Traceback" not in "\n".join(err)
+
+
+def test_a_template_that_is_not_prefix_stable_falls_back_to_its_family_with_a_warning_in_validate_and_prepare(
+        tiny_base, tmp_path, capsys):
+    from dpo_dist.cli import main
+
+    recipe = unstable_recipe(tmp_path, tiny_base, "family")
+    assert main(["validate", recipe]) == 0
+    validated = [ln for ln in capsys.readouterr().out.splitlines() if "chat template" in ln]
+    assert main(["prepare", recipe]) == 0
+    prepared = [ln for ln in capsys.readouterr().out.splitlines() if "chat template" in ln]
+    assert validated == prepared and len(prepared) == 2, prepared
+    assert prepared[0].startswith("[data] chat template: qwen (the tokenizer's own chat template is not prefix-stable")
+    assert prepared[1].startswith("warning: the tokenizer's own chat template is not prefix-stable")

@@ -490,3 +490,32 @@ def test_json_file_of_lines_obeys_the_line_limit(tmp_path, monkeypatch):
     res = scan_source(str(path), "pretrain")
     assert [b.loc for b in res.skipped] == [f"{path}:2"]
     assert [w.kind for w in res.warnings] == ["duplicate"]
+
+
+def test_validate_with_a_profile_makes_the_checks_training_makes(tmp_path, tiny_base):
+    sft = tmp_path / "sft.jsonl"
+    sft.write_bytes(jsonl(FIREFLY))
+    recipe = write_recipe(tmp_path / "recipe.yaml", str(tiny_base), sft,
+                          extra="train:\n  global_batch_size: 3\n  fp16: true\n")
+    out: list[str] = []
+    # 3 rows per step cannot be split over the profile's 2 processes: training would refuse it before any weights.
+    assert validate_recipe(str(recipe), out=out.append, profile="cpu-ddp-2") == 1
+    (error,) = [line for line in out if line.startswith("error: profile cpu-ddp-2: ")]
+    assert "global_batch_size" in error
+    out.clear()
+    assert validate_recipe(str(recipe), ["train.global_batch_size=4"], out=out.append, profile="cpu-bf16") == 0
+    # The profile's precision wins over the recipe's; said once per stage, the line training logs too.
+    assert "[train] stages.sft: profile cpu-bf16 trains in bf16, not the recipe's fp16 (fp16: true)" in out
+    assert "profile cpu-bf16: the recipe fits it (global batch, methods, precision)" in out
+
+
+def test_an_unreachable_hub_is_detected_and_the_token_checks_are_skipped_at_once(tmp_path, monkeypatch):
+    path = tmp_path / "sft.jsonl"
+    path.write_bytes(jsonl(FIREFLY))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: as a machine with no network
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    out: list[str] = []
+    assert validate_file(str(path), "sft", tokenizer="some-org/some-model", out=out.append) == 0
+    assert out[0].startswith("warning: token-length checks skipped: 'some-org/some-model' is not a local directory "
+                             "nor in the Hugging Face cache, and http://127.0.0.1:9 is unreachable")
+    assert out[-1] == f"{path}: 1 usable row, 0 bad rows, 0 warnings"
