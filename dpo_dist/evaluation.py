@@ -63,8 +63,7 @@ def generate(model, tokenizer, renderer: Renderer, prompts: list[list[dict]], ma
     tokenizer.padding_side = "left"  # generation continues from the right edge
     try:
         for start in range(0, len(prompts), batch_size):
-            chunk = [renderer.render(renderer.prepare(p), add_generation_prompt=True)
-                     for p in prompts[start : start + batch_size]]
+            chunk = [renderer.generation_prompt(p) for p in prompts[start : start + batch_size]]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad,
                                  repetition_penalty=repetition_penalty, streamer=streamer, **sampling)

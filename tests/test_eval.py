@@ -51,7 +51,9 @@ def sum_logp(model, tokenizer, pieces: list[tuple[str, bool]]) -> tuple[float, i
 
 def pair_logps(model, tokenizer, row: dict) -> tuple[float, float]:
     head = SYSTEM + user(row["prompt"])
-    return tuple(sum_logp(model, tokenizer, [(head, False), (answer(row[k]), True)])[0] for k in ("chosen", "rejected"))
+    # A DPO completion also holds what ChatML writes after the end-of-turn token, as TRL's tokenization has it.
+    return tuple(sum_logp(model, tokenizer, [(head, False), (answer(row[k]) + "\n", True)])[0]
+                 for k in ("chosen", "rejected"))
 
 
 def save_adapter(base, out, zero: bool):

@@ -18,6 +18,7 @@ from tests.family_tokenizers import FAMILIES, FAMILY_FACTS, build_family_model
 
 # What training picks for each family's own tokenizer, with no model.template.
 CHOSEN = {"qwen2.5": "tokenizer", "qwen3": "qwen3", "llama3.1": "tokenizer", "gemma2": "tokenizer"}
+AFTER_TURN = {"qwen2.5": "\n", "qwen3": "\n", "llama3.1": "", "gemma2": "\n"}  # after the end-of-turn token
 ANSWERS = ["It is kind.", "It sleeps in the sun.", "It is calm."]
 THREE_TURNS = [m for q, a in zip(["Tell me about the fox.", "Where does it sleep?", "And the owl?"], ANSWERS)
                for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
@@ -89,8 +90,9 @@ def test_dpo_prompt_truncation_keeps_bos_and_the_generation_header(family):
     own = tokenizer.apply_chat_template(short["prompt"], tokenize=False, add_generation_prompt=True,
                                         **({"enable_thinking": False} if name == "qwen3" else {}))
     assert decode(tokenizer, full["prompt_ids"]) == own  # qwen3: the family's own non-thinking prompt
-    assert decode(tokenizer, full["chosen_ids"]) == "It is kind." + facts["end_of_turn"]
-    assert decode(tokenizer, full["rejected_ids"]) == "It is rude." + facts["end_of_turn"]
+    # A completion runs through the end of turn and what the template writes after it (ChatML's, Gemma's newline).
+    assert decode(tokenizer, full["chosen_ids"]) == "It is kind." + facts["end_of_turn"] + AFTER_TURN[name]
+    assert decode(tokenizer, full["rejected_ids"]) == "It is rude." + facts["end_of_turn"] + AFTER_TURN[name]
 
     long = dict(short, prompt=[{"role": "user", "content": " ".join(["Tell me about the fox."] * 30)}])
     cut = tk.tokenize_dpo(long, tokenizer, renderer, max_length=64, max_prompt_length=24)
@@ -267,7 +269,8 @@ def test_prepare_show_prints_the_rows_as_trained_with_the_supervised_spans_marke
     assert text.startswith(facts["bos"] or "") and text.count(facts["bos"] or "\0") == (1 if facts["bos"] else 0)
     (prompt,) = [ln for ln in lines if ln.startswith(f"[show] row 1 ({dpo}:1): prompt ")]
     assert prompt.endswith(generation_prompt(name).replace("\n", "\\n"))
-    assert any(ln.startswith("[show]   chosen ") and ln.endswith(f" tokens: «It is calm.{eot}»") for ln in lines)
+    tail = AFTER_TURN[name].replace("\n", "\\n")
+    assert any(ln.startswith("[show]   chosen ") and ln.endswith(f" tokens: «It is calm.{eot}{tail}»") for ln in lines)
 
 
 # ---- templates that are not prefix-stable: never a traceback, and validate says what train does -------------------
@@ -296,7 +299,7 @@ def test_generation_markers_give_the_masks_for_a_template_of_its_own(tiny_base):
                           max_length=128, max_prompt_length=64)
     assert decode(tokenizer, dpo["prompt_ids"]) == "<|im_start|>user\nTell me about the fox.<|im_end|>\n" \
                                                   "<|im_start|>assistant\n"
-    assert decode(tokenizer, dpo["chosen_ids"]) == "Yes.<|im_end|>"
+    assert decode(tokenizer, dpo["chosen_ids"]) == "Yes.<|im_end|>"  # trim_blocks eats the newline after the tag
 
 
 def unstable_recipe(tmp_path, base, name: str) -> str:

@@ -91,7 +91,7 @@ def test_dpo_truncates_prompt_from_the_left_then_responses(tokenizer):
                             add_special_tokens=False)["input_ids"]
     assert out["prompt_ids"] == full_prompt[-24:]  # the end of the prompt (generation header) is kept
     assert len(out["prompt_ids"]) + len(out["chosen_ids"]) == 64
-    assert tokenizer.decode(out["rejected_ids"]) == "It is rude.<|im_end|>"
+    assert tokenizer.decode(out["rejected_ids"]) == "It is rude.<|im_end|>\n"
     assert out["truncated"] and out["prompt_truncated"]
 
 
@@ -102,7 +102,7 @@ def test_dpo_short_rows_are_untouched(tokenizer):
     text = tokenizer.decode(out["prompt_ids"])
     assert text.startswith("<|im_start|>system\nBe brief.") and text.endswith("<|im_start|>assistant\n")
     assert "It is kind. It sleeps in the sun." in text  # the history is part of the prompt
-    assert tokenizer.decode(out["chosen_ids"]) == "It is calm.<|im_end|>"
+    assert tokenizer.decode(out["chosen_ids"]) == "It is calm.<|im_end|>\n"
     assert not out["truncated"]
 
 

@@ -231,6 +231,11 @@ class Renderer:
         return self._with_bos(self._assembled(("sft", *(m["role"] for m in messages)), messages,
                                               self.incremental_segments))
 
+    def generation_prompt(self, messages: list[dict]) -> str:
+        """The text a model generates after, as training's prompts start: default system prompt, generation header,
+        and the BOS where the model expects one."""
+        return self._with_bos([(self.render(self.prepare(messages), add_generation_prompt=True), False)])[0][0]
+
     def _with_bos(self, segments: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
         """``segments`` starting with exactly one BOS where the model expects one."""
         if not self.bos or (segments and segments[0][0].startswith(self.bos)):
@@ -284,8 +289,9 @@ class Renderer:
         return piece
 
     def prompt_and_completions(self, prompt: list[dict], completions: list[str]) -> tuple[str, list[str]]:
-        """DPO: the prompt text (with generation header) and each completion's text after it, through its
-        end-of-turn token."""
+        """DPO: the prompt text (with generation header) and each completion's text after it: through its
+        end-of-turn token and what the template writes after that in the turn (ChatML's newline), as TRL's own
+        tokenization of a conversation has it, so the two feed a model the same tokens."""
         if self.markers:
             head, pieces = self.marker_prompt_and_completions(prompt, completions)
             return self._with_bos([(head, False)])[0][0], pieces
@@ -305,7 +311,7 @@ class Renderer:
         pieces = []
         for text in completions:
             full = self.render(prompt + [{"role": "assistant", "content": text}])
-            pieces.append(self._supervised(self.assistant_piece(head, full, len(prompt)))[0][0])
+            pieces.append(self.assistant_piece(head, full, len(prompt)))
         return head, pieces
 
     # --- a tokenizer template with {% generation %} markers: what they enclose is supervised ------------------------
@@ -347,7 +353,9 @@ class Renderer:
                                     "set `model.template` to a registry template for this model family")
             start, end = spans[-1]
             heads.add(text[:start])
-            pieces.append(self._supervised(self._marked_piece(text, start, end))[0][0])
+            piece = self._marked_piece(text, start, end)  # then the rest of the turn, as without markers
+            skip = len(self.eot_token) if text[end:].startswith(self.eot_token) and piece != text[start:end] else 0
+            pieces.append(piece + text[end + skip:])
         if len(heads) > 1:
             raise TemplateError("the tokenizer's chat template renders a DPO prompt differently before the chosen and "
                                 "the rejected answer; set `model.template` to a registry template for this model family")

@@ -6,7 +6,8 @@
   named in the report (`skip`).
 - BOS: where the tokenizer's model expects one (dpo_dist.data.render.expected_bos), every SFT sequence, DPO prompt
   and pretraining document starts with exactly one.
-- DPO: system + history + prompt rendered with the chat template; the prompt is truncated from the left to
+- DPO: system + history + prompt rendered with the chat template (each completion through its end of turn, and what
+  the template writes after it in that turn); the prompt is truncated from the left to
   `max_prompt_length` first, then the responses are cut so prompt + response fits `max_length`.
 - Pretrain: each text (+ BOS first, where expected) + EOS, concatenated and cut into `max_length` blocks; the last, shorter block is kept.
 
