@@ -188,7 +188,7 @@ def test_a_hub_style_dataset_directory_is_read_by_split(tokenizer, tmp_path):
     test = tk.prepare_dataset("sft", str(repo), tokenizer, r, max_length=64, split="test", **QUIET)
     assert test.dataset["loc"] == [f"{repo}[test]#row 0", f"{repo}[test]#row 1"]
     assert tokenizer.decode([t for t, lab in zip(test.dataset[1]["input_ids"], test.dataset[1]["labels"])
-                             if lab != tk.IGNORE]) == "answer 6<|im_end|>"
+                             if lab != tk.IGNORE]) == "answer 6<|im_end|>\n"
     assert len(tk.prepare_dataset("sft", str(repo), tokenizer, r, max_length=64, **QUIET).dataset) == 5
 
 

@@ -32,7 +32,7 @@ def user(text: str) -> str:
 
 
 def answer(text: str) -> str:
-    return f"{text}<|im_end|>"  # the end-of-turn token is supervised too, as in training; the newline after it is not
+    return f"{text}<|im_end|>\n"  # the end-of-turn token is supervised too, and the newline ChatML writes after it
 
 
 def sum_logp(model, tokenizer, pieces: list[tuple[str, bool]]) -> tuple[float, int]:
@@ -51,9 +51,7 @@ def sum_logp(model, tokenizer, pieces: list[tuple[str, bool]]) -> tuple[float, i
 
 def pair_logps(model, tokenizer, row: dict) -> tuple[float, float]:
     head = SYSTEM + user(row["prompt"])
-    # A DPO completion also holds what ChatML writes after the end-of-turn token, as TRL's tokenization has it.
-    return tuple(sum_logp(model, tokenizer, [(head, False), (answer(row[k]) + "\n", True)])[0]
-                 for k in ("chosen", "rejected"))
+    return tuple(sum_logp(model, tokenizer, [(head, False), (answer(row[k]), True)])[0] for k in ("chosen", "rejected"))
 
 
 def save_adapter(base, out, zero: bool):
@@ -164,8 +162,8 @@ def test_sft_loss_and_perplexity_match_the_token_nll_by_hand(capsys, tiny_base, 
         pieces, before = [], SYSTEM  # the system turn opens the first unsupervised piece
         for turn in row["conversation"]:
             pieces += [(before + user(turn["human"]), False), (answer(turn["assistant"]), True)]
-            before = "\n"  # what ChatML writes after the end-of-turn token opens the next unsupervised piece
-        sequences.append(pieces + [("\n", False)])
+            before = ""
+        sequences.append(pieces)
     scores = [sum_logp(model, tokenizer, pieces) for pieces in sequences]
     tokens = sum(n for _, n in scores)
     loss = -sum(logp for logp, _ in scores) / tokens  # token-weighted across the file, not a mean of row means

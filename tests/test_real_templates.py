@@ -64,8 +64,10 @@ def test_the_template_choice_and_the_supervised_text_of_three_turns(family):
     assert renderer.eot_token == facts["end_of_turn"]
 
     out = tk.tokenize_sft({"messages": THREE_TURNS}, tokenizer, renderer, max_length=1024)
-    # Each answer and its end-of-turn token, nothing else (not ChatML's newline after it, not Qwen3's think block).
-    assert supervised_spans(tokenizer, out["input_ids"], out["labels"]) == [a + facts["end_of_turn"] for a in ANSWERS]
+    # Each answer, its end-of-turn token and the template's text after it in the turn; nothing else (not Qwen3's
+    # think block).
+    assert supervised_spans(tokenizer, out["input_ids"], out["labels"]) == [
+        a + facts["end_of_turn"] + AFTER_TURN[name] for a in ANSWERS]
     text = decode(tokenizer, out["input_ids"])
     if name == "qwen3":
         # The empty think block is the prompt's, as the family's own template writes it with enable_thinking=False.
@@ -90,7 +92,7 @@ def test_dpo_prompt_truncation_keeps_bos_and_the_generation_header(family):
     own = tokenizer.apply_chat_template(short["prompt"], tokenize=False, add_generation_prompt=True,
                                         **({"enable_thinking": False} if name == "qwen3" else {}))
     assert decode(tokenizer, full["prompt_ids"]) == own  # qwen3: the family's own non-thinking prompt
-    # A completion runs through the end of turn and what the template writes after it (ChatML's, Gemma's newline).
+    # A completion is the span SFT supervises: through the end of turn and the template's text after it.
     assert decode(tokenizer, full["chosen_ids"]) == "It is kind." + facts["end_of_turn"] + AFTER_TURN[name]
     assert decode(tokenizer, full["rejected_ids"]) == "It is rude." + facts["end_of_turn"] + AFTER_TURN[name]
 
@@ -264,12 +266,12 @@ def test_prepare_show_prints_the_rows_as_trained_with_the_supervised_spans_marke
     assert any(ln.startswith(f"[data] chat template: {CHOSEN[name]} (") for ln in lines), lines
     (row,) = [ln for ln in lines if ln.startswith(f"[show] row 1 ({sft}:1): ")]
     eot = facts["end_of_turn"]
-    assert row.count("«") == 2 and f"«It is kind.{eot}»" in row and f"«In the sun.{eot}»" in row
+    tail = AFTER_TURN[name].replace("\n", "\\n")
+    assert row.count("«") == 2 and f"«It is kind.{eot}{tail}»" in row and f"«In the sun.{eot}{tail}»" in row
     text = row.split(" supervised: ", 1)[1]
     assert text.startswith(facts["bos"] or "") and text.count(facts["bos"] or "\0") == (1 if facts["bos"] else 0)
     (prompt,) = [ln for ln in lines if ln.startswith(f"[show] row 1 ({dpo}:1): prompt ")]
     assert prompt.endswith(generation_prompt(name).replace("\n", "\\n"))
-    tail = AFTER_TURN[name].replace("\n", "\\n")
     assert any(ln.startswith("[show]   chosen ") and ln.endswith(f" tokens: «It is calm.{eot}{tail}»") for ln in lines)
 
 

@@ -43,8 +43,8 @@ def supervised_text(tokenizer, out) -> list[str]:
 def test_sft_supervises_every_assistant_turn_and_nothing_else(tokenizer):
     out = tokenize_sft({"messages": CONV}, tokenizer, Renderer(tokenizer, "qwen"), max_length=512)
     assert supervised_text(tokenizer, out) == [
-        "It is kind. It sleeps in the sun.<|im_end|>",
-        "It is calm. It sings at dawn.<|im_end|>",
+        "It is kind. It sleeps in the sun.<|im_end|>\n",
+        "It is calm. It sings at dawn.<|im_end|>\n",
     ]
     assert not out["truncated"]
 
@@ -78,7 +78,7 @@ def test_tokenizer_own_template_is_used_when_present(tokenizer):
     r = Renderer(tok)
     assert r.name == "tokenizer" and r.eot_token == "<|im_end|>"
     out = tokenize_sft({"messages": CONV[1:3]}, tok, r, max_length=512)
-    assert supervised_text(tok, out) == ["It is kind. It sleeps in the sun.<|im_end|>"]
+    assert supervised_text(tok, out) == ["It is kind. It sleeps in the sun.<|im_end|>\n"]
 
 
 def test_dpo_truncates_prompt_from_the_left_then_responses(tokenizer):

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-CACHE_VERSION = "4"  # bump when the tokenized layout changes
+CACHE_VERSION = "5"  # bump when the tokenized layout changes
 HEARTBEAT_S = 5.0
 STALE_S = 120.0  # a lock untouched this long belongs to a builder that died
 WAIT_LOG_S = 60.0

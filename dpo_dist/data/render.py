@@ -101,7 +101,7 @@ def expected_bos(tokenizer) -> str | None:
 
 
 class Renderer:
-    """Renders conversations into segments with the template :func:`choose` settles on (see TemplateChoice)."""
+    """Renders conversations into segments with the template `_choose` settles on (see TemplateChoice)."""
 
     def __init__(self, tokenizer, template: str | None = None):
         self.tokenizer = tokenizer
@@ -224,8 +224,9 @@ class Renderer:
 
     def segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
         """Split a full conversation into (text, is_assistant) pieces. An assistant piece is the turn's text after
-        its header, up to and including the end-of-turn token; what the template writes after that token (ChatML's
-        newline) belongs to the next, unsupervised piece."""
+        its header: the answer, its end-of-turn token, and what the template writes after that token in the same
+        turn (ChatML's newline), as a DPO completion has it. With {% generation %} markers: what they enclose (and
+        the end-of-turn token, if they leave it out)."""
         if self.markers:
             return self._with_bos(self.marker_segments(messages))
         return self._with_bos(self._assembled(("sft", *(m["role"] for m in messages)), messages,
@@ -272,15 +273,10 @@ class Renderer:
             head = self.render(messages[:k], add_generation_prompt=True)
             full = self.render(messages[: k + 1])
             out.append((self._piece(done, head, f"message {k}"), False))
-            out += self._supervised(self.assistant_piece(head, full, k))
+            out.append((self.assistant_piece(head, full, k), True))
             done = full
         out.append((self._piece(done, self.render(messages), "the last message"), False))
         return _merged(out)
-
-    def _supervised(self, piece: str) -> list[tuple[str, bool]]:
-        """An assistant piece as (through the end-of-turn token, True) and (the rest, False)."""
-        end = piece.rfind(self.eot_token) + len(self.eot_token)
-        return [(piece[:end], True), (piece[end:], False)]
 
     def assistant_piece(self, head: str, full: str, k: int = -1) -> str:
         piece = self._piece(head, full, f"assistant message {k}")
@@ -289,8 +285,8 @@ class Renderer:
         return piece
 
     def prompt_and_completions(self, prompt: list[dict], completions: list[str]) -> tuple[str, list[str]]:
-        """DPO: the prompt text (with generation header) and each completion's text after it: through its
-        end-of-turn token and what the template writes after that in the turn (ChatML's newline), as TRL's own
+        """DPO: the prompt text (with generation header) and each completion's text after it: the SFT assistant piece
+        (through the end-of-turn token and what the template writes after it in that turn), as TRL's own
         tokenization of a conversation has it, so the two feed a model the same tokens."""
         if self.markers:
             head, pieces = self.marker_prompt_and_completions(prompt, completions)
@@ -337,8 +333,7 @@ class Renderer:
         at = 0
         for start, end in spans:
             out.append((text[at:start], False))
-            piece = self._marked_piece(text, start, end)
-            out += self._supervised(piece)
+            out.append((self._marked_piece(text, start, end), True))
             at = end + (len(self.eot_token) if text[end:].startswith(self.eot_token) and
                         not text[start:end].endswith(self.eot_token) else 0)
         out.append((text[at:], False))

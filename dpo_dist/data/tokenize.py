@@ -1,13 +1,13 @@
 """Canonical rows → token ids + label masks, in parallel, cached on disk.
 
-- SFT: each assistant turn's text after its header, through its end-of-turn token, is supervised; everything else
-  is -100 (system, user and header text, and what a template writes after the end-of-turn token, such as ChatML's
-  newline). A row with no supervised token within `max_length` is refused (`on_bad_row: error`) or left out and
+- SFT: each assistant turn's text after its header is supervised: the answer, its end-of-turn token, and what the
+  template writes after that token in the turn (ChatML's newline); everything else (system, user and header text)
+  is -100. A row with no supervised token within `max_length` is refused (`on_bad_row: error`) or left out and
   named in the report (`skip`).
 - BOS: where the tokenizer's model expects one (dpo_dist.data.render.expected_bos), every SFT sequence, DPO prompt
   and pretraining document starts with exactly one.
-- DPO: system + history + prompt rendered with the chat template (each completion through its end of turn, and what
-  the template writes after it in that turn); the prompt is truncated from the left to
+- DPO: system + history + prompt rendered with the chat template (each completion is the same span as SFT
+  supervises); the prompt is truncated from the left to
   `max_prompt_length` first, then the responses are cut so prompt + response fits `max_length`.
 - Pretrain: each text (+ BOS first, where expected) + EOS, concatenated and cut into `max_length` blocks; the last, shorter block is kept.
 
