@@ -96,11 +96,19 @@ def _suggest(method: str, backend: str, world_size: int) -> str:
     return ", ".join(fit[-1] for fit in sorted(fits)[:4]) or "none"
 
 
+def on_cuda(profile: Profile) -> bool:
+    """Whether this process trains on a GPU: the profile's `device`, never merely a visible GPU. A CPU profile on a GPU
+    host stays on the CPU (gloo, CPU tensors); a GPU profile on a machine without one runs on the CPU."""
+    import torch
+
+    return profile.device == "gpu" and torch.cuda.is_available()
+
+
 def check_run(recipe: Recipe, profile: Profile, launch: Launch, backend: Backend, cuda: bool | None = None) -> None:
     """Refuse, before any weights load, a combination that cannot work. Says why and what to use instead."""
     import torch
 
-    cuda = torch.cuda.is_available() if cuda is None else cuda
+    cuda = on_cuda(profile) if cuda is None else cuda
     where = f"profile {profile.name}" + (f" ({profile.source})" if profile.source else "")
     if profile.world_size > 1 and launch.world_size == 1:
         raise ConfigError(
@@ -175,7 +183,7 @@ def _read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def init_process_group(backend: Backend, launch: Launch, timeout) -> None:
+def init_process_group(backend: Backend, launch: Launch, timeout, cuda: bool | None = None) -> None:
     """Start the process group before anything else can, with `timeout` on every collective: a hung one becomes an
     error instead of a silent stall.
 
@@ -192,11 +200,11 @@ def init_process_group(backend: Backend, launch: Launch, timeout) -> None:
         import deepspeed
 
         deepspeed.init_distributed(timeout=timeout)
-    elif not torch.cuda.is_available():
+    elif not (torch.cuda.is_available() if cuda is None else cuda):
         dist.init_process_group("gloo", timeout=timeout)
 
 
-def init_fsdp_state(backend: Backend, mixed_precision: str) -> bool:
+def init_fsdp_state(backend: Backend, mixed_precision: str, cuda: bool | None = None) -> bool:
     """Set up accelerate's FSDP state before the Trainer creates its Accelerator. Two fixes in one place:
 
     - Precision. accelerate's default FSDP2 policy for bf16/fp16 reduces gradients and returns the model's outputs
@@ -218,7 +226,7 @@ def init_fsdp_state(backend: Backend, mixed_precision: str) -> bool:
     policy = (MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32, output_dtype=torch.float32)
               if half is not None else None)
     plugin = FullyShardedDataParallelPlugin(mixed_precision_policy=policy)
-    cpu = not torch.cuda.is_available()
+    cpu = not (torch.cuda.is_available() if cuda is None else cuda)
     state = AcceleratorState(mixed_precision=mixed_precision, cpu=cpu, fsdp_plugin=plugin,
                              dynamo_plugin=TorchDynamoPlugin(), _from_accelerator=True)
     if state.distributed_type == DistributedType.FSDP:
@@ -236,7 +244,7 @@ def trainer_overrides(profile: Profile, backend: Backend, checkpointing: bool, p
     """TrainingArguments keys that depend on the backend, not on the recipe."""
     import torch
 
-    out: dict = {"use_cpu": not torch.cuda.is_available(),  # CPU ranks: accelerate then picks gloo
+    out: dict = {"use_cpu": not on_cuda(profile),  # CPU ranks (a CPU profile even beside a GPU): accelerate picks gloo
                  "ddp_timeout": profile.collective_timeout_s}
     if backend.deepspeed_file is not None:
         out["deepspeed"] = str(backend.deepspeed_file)

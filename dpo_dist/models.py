@@ -43,14 +43,16 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def pick_attn_implementation(requested: str = "auto", precision: str = "fp32") -> str:
-    """sdpa by default; flash_attention_2 when installed and the GPU supports it; eager as a fallback."""
+def pick_attn_implementation(requested: str = "auto", precision: str = "fp32", cuda: bool | None = None) -> str:
+    """sdpa by default; flash_attention_2 when installed and the GPU supports it; eager as a fallback. ``cuda``: this
+    process trains on a GPU (dpo_dist.backends.on_cuda); default: one is visible."""
     if requested != "auto":
         if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
             raise RuntimeError("attn_implementation flash_attention_2 needs the flash-attn package; use sdpa instead")
         return requested
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     if (
-        torch.cuda.is_available()
+        cuda
         and importlib.util.find_spec("flash_attn") is not None
         and torch.cuda.get_device_capability()[0] >= 8  # Ampere or newer
         and precision in ("fp16", "bf16")
@@ -98,16 +100,18 @@ def load_kwargs(cfg: ModelConfig, method: str, precision: str, attn: str, sharde
 
 
 def load_model(cfg: ModelConfig, method: str, precision: str, attn_implementation: str = "auto",
-               sharded: bool = False):
+               sharded: bool = False, cuda: bool | None = None):
     """Load the base model named by `cfg` for `method` (full | lora | qlora) at `precision`.
 
-    `sharded`: FSDP or ZeRO-3 will shard the model, so it is loaded without a device_map."""
+    `sharded`: FSDP or ZeRO-3 will shard the model, so it is loaded without a device_map. `cuda`: this process
+    trains on a GPU (dpo_dist.backends.on_cuda: never under a CPU profile); default: one is visible."""
     from transformers import AutoModelForCausalLM
 
-    attn = pick_attn_implementation(attn_implementation, precision)
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    attn = pick_attn_implementation(attn_implementation, precision, cuda)
     if cfg.trust_remote_code:
         warn_remote_code(cfg.name_or_path)
-    kwargs = load_kwargs(cfg, method, precision, attn, sharded, torch.cuda.is_available())
+    kwargs = load_kwargs(cfg, method, precision, attn, sharded, cuda)
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
     except ValueError as err:

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from dpo_dist.backends import (Backend, Launch, check_run, check_sources, init_fsdp_state, init_process_group,
-                               resolve, trainer_overrides)
+                               on_cuda, resolve, trainer_overrides)
 from dpo_dist.profiles import Profile, load_profile
 from dpo_dist.recipe import Recipe, StageConfig, load_recipe
 from dpo_dist.schema import ConfigError
@@ -76,7 +76,8 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
                      else profile.gradient_checkpointing)
     overrides = trainer_overrides(profile, backend, checkpointing, peft=method != "full")
     timeout = timedelta(seconds=profile.collective_timeout_s)
-    init_process_group(backend, Launch.from_env(), timeout)
+    cuda = on_cuda(profile)  # the profile's device, never merely a visible GPU
+    init_process_group(backend, Launch.from_env(), timeout, cuda)
     harden_checkpoint_loading()  # before any checkpoint (DeepSpeed's, FSDP's sharded ones) can be read
     args = (dpo_args if kind == "dpo" else sft_args)(stage, profile, run_dir, recipe.seed, world_size(), overrides)
     state = PartialState(cpu=overrides["use_cpu"], timeout=timeout)
@@ -104,7 +105,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
     # ---- model ----------------------------------------------------------------------------------------------------
     set_seed(recipe.seed)  # adapters are initialised randomly: same seed, same start on every rank and profile
     model = load_model(model_cfg, method, precision, profile.attn_implementation,
-                       sharded=backend.kind in ("fsdp", "deepspeed"))
+                       sharded=backend.kind in ("fsdp", "deepspeed"), cuda=cuda)
     peft_config = lora_config(method_cfg) if method in ("lora", "qlora") else None
 
     # ---- trainer --------------------------------------------------------------------------------------------------
@@ -116,7 +117,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
                  GuardCallback(guard), *fault_callbacks(faults)]
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # read by transformers' TB callback
     build = build_dpo_trainer if kind == "dpo" else build_sft_trainer
-    init_fsdp_state(backend, "bf16" if args.bf16 else "fp16" if args.fp16 else "no")
+    init_fsdp_state(backend, "bf16" if args.bf16 else "fp16" if args.fp16 else "no", cuda)
     trainer = build(stage, args, model, tokenizer, train.dataset, evaluation.dataset if evaluation else None,
                     peft_config, callbacks, **({"log": log if state.is_main_process else _quiet} if kind == "dpo"
                                                else {}))

@@ -244,3 +244,25 @@ def test_profiles_command_lists_every_profile(capsys):
     assert cli.main(["profiles"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in profile_names())
+
+
+def test_a_cpu_profile_stays_on_the_cpu_when_a_gpu_is_visible(monkeypatch, tiny_base):
+    """The decision a GPU host makes, taken here with a GPU reported visible: the profile's device decides."""
+    import torch
+
+    from dpo_dist.backends import on_cuda
+    from dpo_dist.models import load_kwargs, pick_attn_implementation
+    from dpo_dist.recipe import ModelConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cpu, gpu = load_profile("cpu-ddp-2"), load_profile("1gpu-bf16")
+    assert not on_cuda(cpu) and on_cuda(gpu)
+    ddp = Backend("ddp", None, 0, {})
+    assert trainer_overrides(cpu, ddp, checkpointing=False, peft=True)["use_cpu"] is True  # gloo, CPU tensors
+    assert trainer_overrides(gpu, ddp, checkpointing=False, peft=True)["use_cpu"] is False
+    # QLoRA on a CPU profile is not dispatched to a GPU; flash-attention is never picked for a CPU process.
+    cfg = ModelConfig(name_or_path=str(tiny_base))
+    assert "device_map" not in load_kwargs(cfg, "qlora", "bf16", "sdpa", sharded=False, cuda=on_cuda(cpu))
+    assert pick_attn_implementation("auto", "bf16", cuda=on_cuda(cpu)) == "sdpa"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not on_cuda(gpu)  # a GPU profile on a machine without one runs on the CPU, as before
