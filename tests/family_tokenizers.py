@@ -65,32 +65,6 @@ FAMILY_FACTS: dict[str, dict] = {
         "generation_pad": "<|endoftext|>",
         "tie_word_embeddings": False,
     },
-    "qwen3": {
-        "tokenizer_class": "Qwen2Tokenizer",
-        "hub_id": "Qwen/Qwen3-8B",
-        "architecture": "Qwen3ForCausalLM",
-        "template": "qwen3.jinja",
-        "bos": None,
-        "eos": "<|im_end|>",
-        "pad": "<|endoftext|>",
-        "unk": None,
-        "end_of_turn": "<|im_end|>",
-        "generation_prompt": "<|im_start|>assistant\n",
-        "default_system": None,
-        "system_role": True,
-        "special_tokens": _QWEN_SPECIAL,
-        "additional_special_tokens": ("<|im_start|>", "<|im_end|>"),
-        # plain (special=False) added tokens, as in the real tokenizer: they survive skip_special_tokens decoding
-        "added_non_special": ("<think>", "</think>"),
-        "adds_bos": False,
-        "clean_up_tokenization_spaces": False,
-        "config_bos": "<|endoftext|>",
-        "config_eos": "<|im_end|>",
-        "config_pad": None,
-        "generation_eos": ("<|im_end|>", "<|endoftext|>"),
-        "generation_pad": "<|endoftext|>",
-        "tie_word_embeddings": False,
-    },
     "llama3.1": {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "hub_id": "meta-llama/Llama-3.1-8B-Instruct",
@@ -147,6 +121,10 @@ FAMILY_FACTS: dict[str, dict] = {
         "tie_word_embeddings": True,
     },
 }
+# Qwen3's tokenizer is Qwen2.5's, with <think> and </think> as plain (special=False) added tokens, as in the real one
+# (they survive skip_special_tokens decoding); its template inserts no default system prompt.
+FAMILY_FACTS["qwen3"] = {**FAMILY_FACTS["qwen2.5"], "hub_id": "Qwen/Qwen3-8B", "architecture": "Qwen3ForCausalLM",
+                         "template": "qwen3.jinja", "default_system": None, "added_non_special": ("<think>", "</think>")}
 
 
 def chat_template(family: str) -> str:

@@ -127,8 +127,8 @@ class Renderer:
         if requested is not None:
             self._use_registry(requested)
             return TemplateChoice(self.template.name, "set by model.template")
-        family = detect_family(self.tokenizer)
         if not own:
+            family = detect_family(self.tokenizer)
             if family is None:
                 self._use_registry("default")
                 return TemplateChoice("default", "the tokenizer has no chat template and none of the special tokens "
@@ -149,6 +149,7 @@ class Renderer:
                                 "set `model.template` to a registry template for this model family") from err
         if problem is None:
             return TemplateChoice("tokenizer", "the tokenizer's own chat template (checked prefix-stable)")
+        family = detect_family(self.tokenizer)  # only where it is needed: it reads the whole vocabulary
         if family is None:
             raise TemplateError(
                 f"the tokenizer's own chat template is not prefix-stable ({problem}), so label masks cannot be derived "
