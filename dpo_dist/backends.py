@@ -104,12 +104,56 @@ def on_cuda(profile: Profile) -> bool:
     return profile.device == "gpu" and torch.cuda.is_available()
 
 
+# transformers' optimizer names (OptimizerNames) whose classes come from bitsandbytes (checked against transformers
+# in tests/test_profiles_launch.py). Their update kernels take plain tensors: FSDP2's DTensor parameters have no
+# sharding strategy registered for them.
+BITSANDBYTES_OPTIMIZERS = frozenset({
+    "adamw_bnb_8bit", "adamw_8bit", "ademamix", "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit",
+    "paged_adamw_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit",
+    "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit"})
+
+
+def bf16_native() -> bool:
+    """This GPU computes bf16 itself (Ampere and newer). torch's own is_bf16_supported() also counts emulation, which
+    a V100 or T4 offers: a bf16 run there would be slow and would not compute what an A100 computes."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def check_devices(profile: Profile, per_node: int, local_rank: int, cuda: bool) -> None:
+    """Each GPU process of a node needs its own GPU: with fewer visible GPUs than processes, two ranks would share
+    one (NCCL refuses a duplicate GPU) or a rank would ask for a device that does not exist."""
+    import torch
+
+    if not cuda:
+        return
+    visible = torch.cuda.device_count()
+    per_node = max(per_node, local_rank + 1)
+    if per_node > visible:
+        shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise ConfigError(
+            f"profile {profile.name}: this node runs {per_node} GPU processes but {visible} GPU(s) are visible"
+            + (f" (CUDA_VISIBLE_DEVICES={shown})" if shown is not None else "")
+            + "; start one process per GPU (`dpo-dist launch ... --nproc-per-node N`) or make more GPUs visible")
+
+
+def _local_world_size(launch: Launch) -> int:
+    """Processes on this node, as the launcher says (torchrun and accelerate: LOCAL_WORLD_SIZE; deepspeed:
+    LOCAL_SIZE); at least this rank's local rank + 1."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return launch.local_rank + 1
+
+
 def check_run(recipe: Recipe, profile: Profile, launch: Launch, backend: Backend, cuda: bool | None = None) -> None:
     """Refuse, before any weights load, a combination that cannot work. Says why and what to use instead."""
     import torch
 
     cuda = on_cuda(profile) if cuda is None else cuda
     where = f"profile {profile.name}" + (f" ({profile.source})" if profile.source else "")
+    check_devices(profile, _local_world_size(launch), launch.local_rank, cuda)
     if profile.world_size > 1 and launch.world_size == 1:
         raise ConfigError(
             f"{where} runs {profile.world_size} processes, but this is a single process. Start it with "
@@ -129,8 +173,25 @@ def check_run(recipe: Recipe, profile: Profile, launch: Launch, backend: Backend
         if profile.attn_implementation == "flash_attention_2" and precision == "fp32":
             raise ConfigError(f"{at}: flash_attention_2 needs fp16 or bf16, but {where} trains in fp32; use "
                               "attn_implementation: sdpa or a half-precision profile")
-        if cuda and precision == "bf16" and not torch.cuda.is_bf16_supported():
-            raise ConfigError(f"{at}: this GPU has no bf16; use a fp16 profile such as v100-qlora")
+        if cuda and profile.attn_implementation == "flash_attention_2":
+            from dpo_dist.models import flash_attn_status
+
+            usable, why = flash_attn_status(cuda)
+            if not usable:
+                raise ConfigError(f"{where}: attn_implementation flash_attention_2 cannot run here: {why}; use sdpa "
+                                  "or auto (which picks flash-attention only where it runs)")
+        if cuda and precision == "bf16" and not bf16_native():
+            name = torch.cuda.get_device_name()
+            raise ConfigError(f"{at}: {where} trains in bf16, but this GPU ({name}) has no native bf16 (torch "
+                              "would emulate it, slowly and with different numerics); use a fp16 profile such as "
+                              "v100-qlora")
+        optim = profile.optim or stage.train.optim
+        if backend.kind == "fsdp" and optim in BITSANDBYTES_OPTIMIZERS:
+            key = f"{where}: optim" if profile.optim else f"{at}.train.optim"
+            raise ConfigError(
+                f"{key}: {optim} is a bitsandbytes optimizer, which cannot step FSDP2's sharded (DTensor) "
+                f"parameters (it fails at the first step); under {where} use adamw_torch_fused (GPU) or adamw_torch, "
+                "or keep the bitsandbytes optimizer on a single-GPU, DDP or ZeRO-3 profile")
         if stage.train.on_nonfinite_loss == "skip" and backend.kind == "deepspeed":
             raise ConfigError(
                 f"{at}.train.on_nonfinite_loss: skip is not available under DeepSpeed, whose engine applies the update "
@@ -204,8 +265,15 @@ def init_process_group(backend: Backend, launch: Launch, timeout, cuda: bool | N
         dist.init_process_group("gloo", timeout=timeout)
 
 
-def init_fsdp_state(backend: Backend, mixed_precision: str, cuda: bool | None = None) -> bool:
-    """Set up accelerate's FSDP state before the Trainer creates its Accelerator. Two fixes in one place:
+def dynamo_plugin(args):
+    """The torch.compile settings of TrainingArguments `args`, as the Trainer itself hands them to its Accelerator."""
+    from accelerate.utils import TorchDynamoPlugin
+
+    return TorchDynamoPlugin(backend=args.torch_compile_backend, mode=args.torch_compile_mode)
+
+
+def init_fsdp_state(backend: Backend, mixed_precision: str, cuda: bool | None = None, dynamo=None) -> bool:
+    """Set up accelerate's FSDP state before the Trainer creates its Accelerator. Three fixes in one place:
 
     - Precision. accelerate's default FSDP2 policy for bf16/fp16 reduces gradients and returns the model's outputs
       (the loss, DPO's log-probs) in half precision, so a sharded run rounds where a single-process autocast run
@@ -213,6 +281,8 @@ def init_fsdp_state(backend: Backend, mixed_precision: str, cuda: bool | None = 
     - CPU ranks. accelerate (1.15) turns `ACCELERATE_USE_FSDP` into an FSDP state only for GPU-like distributed
       types; on CPU (MULTI_CPU, gloo) it drops the plugin silently and the Trainer trains plain DDP. torch's FSDP2
       runs on CPU with gloo, so the state is marked FSDP here.
+    - torch.compile. The state made here is the one the Trainer's Accelerator reuses, so its dynamo plugin is the
+      one that counts: `dynamo` (dynamo_plugin(args)) carries train.torch_compile; a default plugin would drop it.
 
     The plugin reads the launcher's FSDP_* environment, as accelerate's own would. Returns True when FSDP is set."""
     import torch
@@ -228,7 +298,7 @@ def init_fsdp_state(backend: Backend, mixed_precision: str, cuda: bool | None = 
     plugin = FullyShardedDataParallelPlugin(mixed_precision_policy=policy)
     cpu = not (torch.cuda.is_available() if cuda is None else cuda)
     state = AcceleratorState(mixed_precision=mixed_precision, cpu=cpu, fsdp_plugin=plugin,
-                             dynamo_plugin=TorchDynamoPlugin(), _from_accelerator=True)
+                             dynamo_plugin=dynamo or TorchDynamoPlugin(), _from_accelerator=True)
     if state.distributed_type == DistributedType.FSDP:
         return True
     if not cpu or state.distributed_type != DistributedType.MULTI_CPU:

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from dpo_dist.backends import Backend, Launch, check_run, check_sources
+from dpo_dist.backends import Backend, Launch, check_devices, check_run, check_sources, on_cuda
 from dpo_dist.profiles import Profile, gradient_accumulation, load_profile
 from dpo_dist.recipe import load_recipe
 from dpo_dist.schema import ConfigError
@@ -103,6 +103,7 @@ def preflight(recipe_path: str, profile: Profile, overrides: list[str], nodes: i
     stage = profile.deepspeed_settings().get("zero_optimization", {}).get("stage", 0) if ds else 0
     backend = Backend(profile.backend, ds, stage, profile.fsdp_settings())
     check_run(recipe, profile, launch, backend, cuda=False)  # the GPU checks run again on the ranks themselves
+    check_devices(profile, procs or profile.num_processes, 0, on_cuda(profile))  # this node's GPUs, before launching
     if sources:
         check_sources(recipe)
     for s in recipe.stages:

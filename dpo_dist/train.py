@@ -16,8 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from dpo_dist.backends import (Backend, Launch, check_run, check_sources, init_fsdp_state, init_process_group,
-                               on_cuda, resolve, trainer_overrides)
+from dpo_dist.backends import (Backend, Launch, check_run, check_sources, dynamo_plugin, init_fsdp_state,
+                               init_process_group, on_cuda, resolve, trainer_overrides)
 from dpo_dist.profiles import Profile, load_profile
 from dpo_dist.recipe import Recipe, StageConfig, load_recipe
 from dpo_dist.schema import ConfigError
@@ -49,6 +49,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
               resume: bool = False, has_next: bool = False, log=print, backend: Backend | None = None,
               keep_trainer: bool = False) -> StageResult:
     from accelerate import PartialState
+    from accelerate.utils import is_compiled_module
     from transformers import set_seed
 
     from dpo_dist.export import write_generation_config
@@ -117,7 +118,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
                  GuardCallback(guard), *fault_callbacks(faults)]
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # read by transformers' TB callback
     build = build_dpo_trainer if kind == "dpo" else build_sft_trainer
-    init_fsdp_state(backend, "bf16" if args.bf16 else "fp16" if args.fp16 else "no", cuda)
+    init_fsdp_state(backend, "bf16" if args.bf16 else "fp16" if args.fp16 else "no", cuda, dynamo_plugin(args))
     trainer = build(stage, args, model, tokenizer, train.dataset, evaluation.dataset if evaluation else None,
                     peft_config, callbacks, **({"log": log if state.is_main_process else _quiet} if kind == "dpo"
                                                else {}))
@@ -177,6 +178,8 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
         "world_size": world_size(),
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "model": model_facts(trainer.model),
+        # train.torch_compile as applied: the model the Trainer stepped is a torch.compile module
+        "compiled": is_compiled_module(trainer.model_wrapped),
         "output": str(output),
         "model_path": model_path,  # what a chained next stage loads
         "global_step": trainer.state.global_step,
@@ -196,7 +199,22 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
     }
     if is_main_process():
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    return StageResult(stage.name, run_dir, output, model_path, summary, trainer if keep_trainer else None)
+    done = StageResult(stage.name, run_dir, output, model_path, summary, trainer if keep_trainer else None)
+    if not keep_trainer:
+        # Nothing of this stage may outlive it: a stray reference to this frame (an exception traceback kept by a
+        # log handler, say) would otherwise keep the model and optimizer alive while the next stage loads.
+        drop_trainer(trainer)
+        del trainer, model
+    return done
+
+
+def drop_trainer(trainer) -> None:
+    """Cut a finished trainer's references to the model, the reference, the optimizer and the scheduler, and the
+    accelerator's (accelerate keeps its own lists of everything it prepared)."""
+    trainer.accelerator.free_memory()
+    for name in ("model", "model_wrapped", "ref_model", "optimizer", "lr_scheduler", "deepspeed"):
+        if hasattr(trainer, name):
+            setattr(trainer, name, None)
 
 
 def _quiet(*_args, **_kwargs) -> None:
@@ -246,7 +264,24 @@ def run_recipe(recipe: Recipe, profile: Profile, only: str | None = None, resume
         results.append(result)
         if recipe.chain:
             base = result.model_path
+        if has_next and not keep_trainer:
+            release_memory(log)
     return results
+
+
+def release_memory(log=print) -> None:
+    """Free what a finished stage held before the next one loads: its model, optimizer and trainer are unreachable
+    once run_stage returns, but parts of them form reference cycles (bound-method forwards, the accelerate wrappers)
+    that only the cycle collector frees; then the CUDA cache is handed back so the next model can use it."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        log(f"[train] GPU memory before the next stage: {torch.cuda.memory_allocated() / 2**30:.2f} GiB allocated, "
+            f"{torch.cuda.memory_reserved() / 2**30:.2f} GiB reserved")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run_recipe(recipe, profile, only=args.stage, resume=args.resume, backend=backend)
+    except ConfigError as err:  # found on the rank itself: e.g. an attention implementation this GPU cannot run
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
     except (TrainingFault, DataError, TemplateError, BuildFailed) as fault:
         print(f"error: {fault}", file=sys.stderr, flush=True)
         return 1

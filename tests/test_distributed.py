@@ -341,3 +341,33 @@ def test_tokenizing_longer_than_the_collective_timeout_does_not_fail_the_run(tin
     assert len(waiting) == 1 and waiting[0].startswith("[rank "), waiting
     s = check_sharded_run(tmp_path / "runs" / "sft", "ddp", 2)
     assert s["global_step"] == 2 and s["data"]["rows"] == 20000
+
+
+# ---- FSDP2 on real ranks: what must be refused up front, and what must not be dropped ---------------------------
+
+def test_fsdp_ranks_refuse_a_bitsandbytes_optimizer_before_loading(tiny_base, data, tmp_path):
+    # The ranks themselves refuse it (a plain `accelerate launch`, no dpo-dist launch preflight in front): one error
+    # line naming the key and the alternative, no traceback, before any weights load.
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_base, data, stages=("sft",), max_steps=1)
+    proc = run([BIN / "accelerate", "launch", "--config_file", "configs/accelerate/cpu-fsdp-2.yaml",
+                "--main_process_port", "29618", "-m", "dpo_dist.train", recipe, "--profile", "cpu-fsdp-2",
+                "train.optim=paged_adamw_32bit"], expect=2)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert errors and all(ln == errors[0] for ln in errors), proc.stderr[-2000:]  # the same line from each rank
+    assert "stages.sft.train.optim: paged_adamw_32bit is a bitsandbytes optimizer" in errors[0]
+    # (accelerate's launcher prints its own traceback for a failed child; none comes from dpo-dist's code)
+    assert "adamw_torch" in errors[0] and "dpo_dist/" not in proc.stderr
+    assert not (tmp_path / "runs" / "sft" / "summary.json").exists()
+
+
+def test_fsdp_keeps_torch_compile(tiny_base, data, tmp_path):
+    # The FSDP state dpo-dist creates before the Trainer's Accelerator is the one the Trainer reuses; with a default
+    # dynamo plugin there, train.torch_compile was dropped without a word. The eager backend traces (dynamo) without
+    # code generation, so the check stays cheap.
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_base, data, stages=("sft",), max_steps=2,
+                          torch_compile=True, torch_compile_backend="eager", gradient_checkpointing=False)
+    run([BIN / "accelerate", "launch", "--config_file", "configs/accelerate/cpu-fsdp-2.yaml",
+         "--main_process_port", "29619", "-m", "dpo_dist.train", recipe, "--profile", "cpu-fsdp-2"])
+    s = check_sharded_run(tmp_path / "runs" / "sft", "fsdp", 2)
+    assert s["compiled"] is True and s["global_step"] == 2
+    assert all(math.isfinite(x) for x in losses(tmp_path / "runs" / "sft"))

@@ -6,6 +6,7 @@ import importlib.util
 import pytest
 import torch
 
+from dpo_dist.schema import ConfigError
 from dpo_dist.models import adapter_dtype, model_dtype, pick_attn_implementation
 
 
@@ -17,7 +18,8 @@ def test_attention_is_sdpa_by_default_on_cpu():
 
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed")
 def test_flash_attention_without_the_package_is_refused_with_the_fix():
-    with pytest.raises(RuntimeError, match="flash-attn.*sdpa"):
+    with pytest.raises(ConfigError, match="flash_attention_2 cannot run here: the flash-attn package is not "
+                                          "installed; use sdpa"):
         pick_attn_implementation("flash_attention_2")
 
 
@@ -28,3 +30,25 @@ def test_dtypes_follow_the_precision():
     assert adapter_dtype("fp16", "fsdp") == torch.float32 and adapter_dtype("bf16", "deepspeed") == torch.bfloat16
     assert adapter_dtype("fp16", "deepspeed") == torch.float16  # DeepSpeed keeps its own fp32 master copy
     assert adapter_dtype("fp32", "deepspeed") == torch.float32
+
+
+def test_a_flash_attn_that_does_not_import_falls_back_to_sdpa_with_the_reason(tmp_path, monkeypatch, capsys):
+    # What a flash-attn wheel built for another torch does: it is found, then fails to import.
+    import dpo_dist.models as models
+
+    pkg = tmp_path / "flash_attn"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text('raise ImportError("flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDevice")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(models, "_FLASH", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    assert models.pick_attn_implementation("auto", "bf16", cuda=True) == "sdpa"
+    err = capsys.readouterr().err
+    assert "not using flash-attention: flash-attn is installed but does not import: ImportError" in err
+    assert "undefined symbol" in err
+    with pytest.raises(ConfigError, match="flash_attention_2 cannot run here: flash-attn is installed but does not"):
+        models.pick_attn_implementation("flash_attention_2", "bf16", cuda=True)
+    monkeypatch.setattr(models, "_FLASH", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
+    assert models.flash_attn_status(cuda=True) == (
+        False, "flash-attn 2 needs compute capability 8.0 or newer (Ampere); this GPU is 7.0")

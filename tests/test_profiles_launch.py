@@ -95,6 +95,8 @@ def test_dry_run_prints_the_launcher_command(name, capsys):
     target = ("configs/recipes/qwen2.5-72b-dpo-qlora.yaml" if "qlora" in p.methods
               else "configs/recipes/llama3.1-8b-sft-dpo-qlora.yaml")
     overrides = [] if "qlora" in p.methods else ["method.type=lora"]
+    if p.backend == "fsdp":  # the recipe's paged_adamw_32bit cannot step FSDP2's parameters (refused, tested below)
+        overrides.append("train.optim=adamw_torch_fused")
     assert cli.main(["launch", target, "--profile", name, "--dry-run", *overrides]) == 0
     cmd = shlex.split(capsys.readouterr().out.strip().splitlines()[-1])
     tool = Path(cmd[0]).name
@@ -266,3 +268,83 @@ def test_a_cpu_profile_stays_on_the_cpu_when_a_gpu_is_visible(monkeypatch, tiny_
     assert pick_attn_implementation("auto", "bf16", cuda=on_cuda(cpu)) == "sdpa"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert not on_cuda(gpu)  # a GPU profile on a machine without one runs on the CPU, as before
+
+
+# ---- GPU-only decisions, tested with the device facts patched ---------------------------------------------------
+
+def _fake_gpus(monkeypatch, count=1, bf16_native=True, name="NVIDIA H100"):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    # emulation counts by default in torch: a V100 answers True unless including_emulation=False
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: bf16_native or including_emulation)
+
+
+def _gpu_check(recipe_args: list[str], profile_name: str, world: int = 1, backend_kind: str = "single"):
+    from dpo_dist.recipe import load_recipe
+
+    recipe = load_recipe("configs/recipes/qwen2.5-7b-sft-dpo-qlora.yaml", recipe_args)  # qlora, paged_adamw_32bit
+    profile = load_profile(profile_name)
+    launch = Launch(world_size=world, rank=0, local_rank=0, accelerate_fsdp=backend_kind == "fsdp",
+                    accelerate_deepspeed=False)
+    check_run(recipe, profile, launch, Backend(backend_kind, None, 0, {}), cuda=True)
+
+
+def test_bf16_on_a_gpu_that_only_emulates_it_is_refused(monkeypatch):
+    _fake_gpus(monkeypatch, bf16_native=False, name="Tesla V100-SXM2-16GB")
+    with pytest.raises(ConfigError, match=r"this GPU \(Tesla V100-SXM2-16GB\) has no native bf16.*v100-qlora"):
+        _gpu_check([], "1gpu-bf16")
+    _fake_gpus(monkeypatch, bf16_native=True)
+    _gpu_check([], "1gpu-bf16")
+
+
+def test_more_gpu_processes_than_visible_gpus_are_refused(monkeypatch):
+    from dpo_dist.backends import Launch, check_devices
+
+    _fake_gpus(monkeypatch, count=2)
+    profile = load_profile("8xh100-fsdp-qlora")
+    with pytest.raises(ConfigError, match=r"runs 8 GPU processes but 2 GPU\(s\) are visible.*--nproc-per-node"):
+        check_devices(profile, 8, 0, cuda=True)
+    check_devices(profile, 2, 1, cuda=True)
+    check_devices(profile, 8, 0, cuda=False)  # a CPU process needs no GPU
+    # on a rank: the launcher's LOCAL_WORLD_SIZE, or its own local rank
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match="runs 4 GPU processes but 2"):
+        _gpu_check([], "1gpu-bf16")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    _gpu_check([], "1gpu-bf16")
+    # `dpo-dist launch` refuses it before starting the ranks
+    monkeypatch.setattr("dpo_dist.backends.on_cuda", lambda profile: True)
+    monkeypatch.setattr("dpo_dist.launch.on_cuda", lambda profile: True)
+    assert cli.main(["launch", "configs/recipes/qwen2.5-72b-dpo-qlora.yaml", "--profile", "8xh100-fsdp-qlora",
+                     "--dry-run"]) == 2
+
+
+def test_bitsandbytes_optimizers_are_refused_under_fsdp_only(monkeypatch):
+    _fake_gpus(monkeypatch, count=8)
+    with pytest.raises(ConfigError, match=r"stages\.sft\.train\.optim: paged_adamw_8bit is a bitsandbytes "
+                                          r"optimizer.*adamw_torch_fused"):
+        _gpu_check(["train.optim=paged_adamw_8bit"], "8xh100-fsdp-qlora", world=8, backend_kind="fsdp")
+    _gpu_check(["train.optim=adamw_torch_fused"], "8xh100-fsdp-qlora", world=8, backend_kind="fsdp")
+    _gpu_check([], "8gpu-ddp-qlora", world=8, backend_kind="ddp")
+
+
+def test_the_bitsandbytes_optimizer_names_are_those_transformers_builds_from_bitsandbytes(tmp_path):
+    from transformers import Trainer, TrainingArguments
+    from transformers.training_args import OptimizerNames
+
+    from dpo_dist.backends import BITSANDBYTES_OPTIMIZERS
+
+    found = set()
+    for name in OptimizerNames:
+        try:
+            args = TrainingArguments(output_dir=str(tmp_path), optim=name.value, use_cpu=True, report_to=[])
+            cls, _ = Trainer.get_optimizer_cls_and_kwargs(args)
+        except (ImportError, ValueError, RuntimeError):  # needs a package or a device this machine lacks
+            continue
+        if getattr(cls, "__module__", "").startswith("bitsandbytes"):
+            found.add(name.value)
+    assert found == BITSANDBYTES_OPTIMIZERS

@@ -141,7 +141,9 @@ def pick_dtype(requested: str) -> str:
     if requested != "auto":
         return requested
     if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        from dpo_dist.backends import bf16_native
+
+        return "bf16" if bf16_native() else "fp16"
     return "fp32"  # CPUs are slow and often inexact in half precision
 
 
