@@ -161,17 +161,31 @@ def test_padding_free_rows_give_the_padded_loss_metrics_and_gradients(tiny_base,
     for packed in (True, False):
         trainer = _trainer(tiny_base, tmp_path, True, padding_free=packed, attn=attn)
         backbone = trainer.model.get_base_model().model
-        shapes = []
+        shapes, bounds = [], []
         hook = backbone.register_forward_pre_hook(lambda _m, _a, kw: shapes.append(tuple(kw["input_ids"].shape)),
                                                   with_kwargs=True)
+        # what the attention layers receive: the packed row's sequence boundaries, so flash-attention's varlen path
+        # need not derive them from the position ids (a host sync per layer)
+        attention = backbone.layers[-1].self_attn.register_forward_pre_hook(
+            lambda _m, _a, kw: bounds.append({k: kw.get(k) for k in ("cu_seq_lens_q", "cu_seq_lens_k",
+                                                                      "max_length_q", "max_length_k")}),
+            with_kwargs=True)
         perturb(trainer)
-        results[packed] = (*train_step(trainer), shapes)
+        results[packed] = (*train_step(trainer), shapes, bounds)
         hook.remove()
-    (loss_p, grads_p, metrics_p, batch, shapes_p), (loss_d, grads_d, metrics_d, _, shapes_d) = (
+        attention.remove()
+    (loss_p, grads_p, metrics_p, batch, shapes_p, bounds_p), (loss_d, grads_d, metrics_d, _, shapes_d, bounds_d) = (
         results[True], results[False])
     real, padded = int(batch["attention_mask"].sum()), tuple(batch["input_ids"].shape)
     assert real < 0.9 * padded[0] * padded[1]  # the batch really has padding to remove
     assert shapes_p == [(1, real)] * 2 and shapes_d == [padded] * 2  # policy and reference: one packed row
+    lengths = batch["attention_mask"].sum(1).tolist()
+    cumulative = [sum(lengths[:i]) for i in range(len(lengths) + 1)]
+    assert len(bounds_p) >= 2 and all(b["max_length_q"] == b["max_length_k"] == max(lengths) for b in bounds_p)
+    for b in bounds_p:
+        assert b["cu_seq_lens_q"].dtype == torch.int32 and b["cu_seq_lens_q"].tolist() == cumulative
+        assert b["cu_seq_lens_k"].tolist() == cumulative
+    assert all(v is None for b in bounds_d for v in b.values())  # padded rows keep their attention mask only
     assert abs(loss_p - loss_d) < 1e-5
     for name in grads_d:
         torch.testing.assert_close(grads_p[name], grads_d[name], atol=1e-5, rtol=1e-4, msg=name)
@@ -200,3 +214,25 @@ def test_recipe_keys_are_checked():
         TrainConfig(padding_free=True, compact_logps=False).check("stages[0].train")
     with pytest.raises(ConfigError, match=r"padding_free: must be true, false or auto"):
         TrainConfig(padding_free="always").check("stages[0].train")
+
+
+def test_triton_kernels_run_only_where_the_gpu_can_run_them(tiny_base, monkeypatch):
+    # TRL chooses its Triton kernels on any CUDA device; below compute capability 8.0 (V100, T4) they cannot run,
+    # and the kernel's PyTorch tiles must be used. Device facts patched: this machine has no GPU.
+    from transformers import AutoModelForCausalLM
+    from trl.kernels import chunked_logprob
+
+    monkeypatch.setattr(chunked_logprob, "_use_triton", chunked_logprob._use_triton)  # restored afterwards
+    monkeypatch.setattr(chunked_logprob, "_TRITON_AVAILABLE", True)
+    monkeypatch.setattr(logps_mod, "_TRITON_BY_DEVICE", {})
+    capability = {0: (7, 0), 1: (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability[torch.device(d).index])
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    logps_mod.install_compact_head(model, ("log_probs",))
+    assert chunked_logprob._use_triton is logps_mod.triton_runs_on  # what TRL's kernel asks at every call
+    assert chunked_logprob._use_triton(torch.device("cuda", 0)) is False  # Volta: PyTorch tiles
+    assert chunked_logprob._use_triton(torch.device("cuda", 1)) is True  # Hopper: Triton
+    assert chunked_logprob._use_triton(torch.device("cpu")) is False
+    monkeypatch.setattr(chunked_logprob, "_TRITON_AVAILABLE", False)
+    monkeypatch.setattr(logps_mod, "_TRITON_BY_DEVICE", {})
+    assert chunked_logprob._use_triton(torch.device("cuda", 1)) is False  # no Triton installed

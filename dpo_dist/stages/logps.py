@@ -82,6 +82,36 @@ def completion_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return (*scored, mask)
 
 
+_TRITON_BY_DEVICE: dict[tuple[str, int | None], bool] = {}
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether TRL's Triton kernels can run on `device`. TRL picks them on any CUDA device where Triton imports; they
+    need compute capability 8.0 or newer (Ampere), so on a V100 or T4 the first DPO step would fail to compile. Below
+    8.0 (and on CPUs, or without Triton) the kernel's PyTorch tiles compute the same folds. Decided once per device."""
+    from trl.kernels import chunked_logprob
+
+    device = torch.device(device)
+    key = (device.type, device.index)
+    if key not in _TRITON_BY_DEVICE:
+        if not chunked_logprob._TRITON_AVAILABLE or device.type not in ("cuda", "xpu"):
+            runs = False
+        elif device.type == "xpu":
+            runs = True
+        else:
+            runs = torch.cuda.get_device_capability(device)[0] >= 8
+        _TRITON_BY_DEVICE[key] = runs
+    return _TRITON_BY_DEVICE[key]
+
+
+def use_triton_only_where_it_runs() -> None:
+    """Make TRL's log-prob kernel (compact head and TRL's own fused head alike) ask triton_runs_on: TRL's chunked
+    kernel reads its module-level `_use_triton` at every call (trl 1.16), so this is the one place to decide."""
+    from trl.kernels import chunked_logprob
+
+    chunked_logprob._use_triton = triton_runs_on
+
+
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn",
                     "kernels-community/flash-attn3", "kernels-community/vllm-flash-attn3")
 
@@ -104,17 +134,31 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor):
     return input_ids[keep][None], positions[keep][None], index.masked_fill(~keep, -1)
 
 
+def varlen_kwargs(attention_mask: torch.Tensor) -> dict:
+    """Where each sequence of the packed row starts, for flash-attention's varlen kernels: `cu_seq_lens_q/k`
+    (int32 [B + 1], from 0 to N) and `max_length_q/k` (a Python int). Given, transformers' flash path uses them as
+    they are; without them it derives them from the position ids in every layer, with a host sync each time. Here
+    the sync happens once per forward (the max length must be an int). Other attention implementations ignore them."""
+    lengths = attention_mask.sum(1, dtype=torch.int32)
+    cu = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    longest = int(lengths.max()) if lengths.numel() else 0
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
 def install_compact_head(model, outputs: tuple[str, ...], vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
                          padding_free: bool = False) -> None:
     """Replace the fused forward TRL installed on `model` (the HF model under any PEFT wrapper) with the compact one,
     computing the per-token fields in `outputs` (those the trainer asked TRL's head for).
 
     With `padding_free`, the backbone runs on the batch's real tokens packed into one row (position ids restarting
-    per sequence, no attention mask: transformers then keeps the sequences apart, with varlen kernels under flash
-    attention), and each scored position reads its hidden state from the packed row."""
+    per sequence, no attention mask, and the sequence boundaries as varlen_kwargs: transformers then keeps the
+    sequences apart, with varlen kernels under flash attention), and each scored position reads its hidden state
+    from the packed row."""
     from torch.distributed.tensor import DTensor
     from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
 
+    use_triton_only_where_it_runs()
+    triton_runs_on(model.get_output_embeddings().weight.device)  # decided now, not inside a compiled step
     trl_forward = model.forward
     text_config, backbone_attr = _backbone_and_head(model)
     softcap = getattr(text_config, "final_logit_softcapping", None)
@@ -134,9 +178,11 @@ def install_compact_head(model, outputs: tuple[str, ...], vocab_chunk: int = DEF
         mask = labels != -100
         packed = padding_free and not args and kwargs.get("attention_mask") is not None and "input_ids" in kwargs
         if packed:
-            ids, positions, index = pack(kwargs.pop("input_ids"), kwargs.pop("attention_mask"))
+            attention_mask = kwargs.pop("attention_mask")
+            ids, positions, index = pack(kwargs.pop("input_ids"), attention_mask)
             kwargs.pop("position_ids", None)
-            hidden = backbone(input_ids=ids, position_ids=positions, **kwargs).last_hidden_state[0]
+            hidden = backbone(input_ids=ids, position_ids=positions, **varlen_kwargs(attention_mask),
+                              **kwargs).last_hidden_state[0]
             # the hidden state at position t predicts token t + 1: row index[:, :-1] of the packed output
             rows = hidden.to(head.weight.device)[index[:, :-1].to(head.weight.device)[mask]]
         else:
