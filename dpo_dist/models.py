@@ -118,8 +118,12 @@ def _warn_once(line: str) -> None:
 
 
 def model_dtype(method: str, precision: str) -> torch.dtype:
-    # Full fine-tuning in fp16 keeps fp32 master weights (mixed precision); everything else stores at precision.
-    if method == "full" and precision == "fp16":
+    """The dtype the model is loaded in. Full-parameter fine-tuning in bf16 or fp16 loads fp32 weights, the master
+    weights the optimizer updates, and the Trainer's autocast computes in the half dtype: so every profile keeps fp32
+    masters (FSDP2 upcasts trainable weights to fp32 itself, ZeRO-3 keeps its own fp32 copy), and an update smaller
+    than half a bf16 step is kept rather than rounded away on one GPU only. LoRA and QLoRA load the frozen base at
+    the precision; their adapters follow adapter_dtype."""
+    if method == "full" and precision in ("fp16", "bf16"):
         return torch.float32
     return DTYPES[precision]
 

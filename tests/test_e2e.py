@@ -180,3 +180,55 @@ def test_chained_sft_then_dpo_starts_from_the_merged_sft_model(tiny_base, tmp_pa
     # Re-running only the DPO stage starts from the finished SFT stage's recorded result.
     (again,) = run_recipe(recipe, PROFILE, only="dpo", log=lambda *_: None)
     assert again.summary["base"] == str(merged)
+
+
+def test_full_bf16_keeps_fp32_masters_exports_bf16_and_chains(tiny_base, tmp_path, data):
+    """Full-parameter bf16 trains fp32 master weights on one process too, as FSDP2 and ZeRO-3 do: an update far
+    below bf16's resolution is kept, not rounded away. The exported model is bf16, and the chained DPO stage trains it
+    in fp32 against a reference loaded like the policy."""
+    lr = 1e-6  # Adam's first step moves each weight by about lr: 1 ± 1e-6 is 1.0 again in bf16, not in fp32
+    recipe = make_recipe(tiny_base, tmp_path / "run", ["sft", "dpo"], data, method="full")
+    for stage in recipe.stages:
+        stage.train.max_steps, stage.train.save_steps, stage.train.learning_rate = 1, 1, lr
+    bf16 = Profile(name="test-bf16", micro_batch_size=2, precision="bf16", attn_implementation="sdpa")
+    sft, dpo = run_recipe(recipe, bf16, keep_trainer=True, log=lambda *_: None)
+    for result in (sft, dpo):
+        assert result.summary["precision"] == "bf16"
+        assert result.summary["model"]["trainable_dtypes"] == ["float32"]
+        assert result.summary["model"]["param_dtypes"] == ["float32"]
+
+    # The masters after one step (the checkpoint holds them as trained): every weight moved by about lr, and the
+    # norms, which start at exactly 1.0, moved by an amount bf16 cannot hold.
+    base = load_file(tiny_base / "model.safetensors")
+    masters = load_file(sft.run_dir / "checkpoints" / "checkpoint-1" / "model.safetensors")
+    assert masters.keys() == base.keys()
+    norms = [k for k in masters if k.endswith("norm.weight")]
+    assert norms
+    for key, after in masters.items():
+        assert after.dtype == torch.float32, key
+        delta = after - base[key]
+        assert 0 < delta.abs().max() <= 2 * lr, key  # the update, and no bf16 rounding of the start
+    for key in norms:
+        assert torch.equal(base[key], torch.ones_like(base[key]))
+        moved = masters[key] != 1.0
+        assert moved.float().mean() > 0.9, key
+        rounded = (torch.ones_like(base[key], dtype=torch.bfloat16) + (masters[key] - 1.0).to(torch.bfloat16))
+        assert torch.equal(rounded, torch.ones_like(rounded)), key  # bf16 weights would have kept 1.0
+
+    # The export is the masters in bf16, tied embeddings still tied, and says so in its config.
+    exported = load_file(sft.output / "model.safetensors")
+    assert exported.keys() == masters.keys()
+    for key, tensor in exported.items():
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, masters[key].to(torch.bfloat16)), key
+    assert json.loads((sft.output / "config.json").read_text())["dtype"] == "bfloat16"
+
+    # The chained DPO stage loads that export as fp32 masters, and trl loads the reference in the policy's dtype (as
+    # dpo-dist plan counts it: 4 B per parameter on one GPU), so at step 1 the two compute alike: rewards 0, loss ln 2.
+    assert dpo.summary["base"] == str(sft.output)
+    trainer = dpo.trainer
+    assert {p.dtype for p in trainer.ref_model.parameters()} == {torch.float32}
+    assert not any(p.requires_grad for p in trainer.ref_model.parameters())
+    first = next(m for m in read_metrics(dpo.run_dir) if "loss" in m)
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
+    assert math.isclose(first["loss"], math.log(2), abs_tol=1e-6)
+    assert {t.dtype for t in load_file(dpo.output / "model.safetensors").values()} == {torch.bfloat16}

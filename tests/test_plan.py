@@ -146,7 +146,7 @@ def test_dpo_runs_twice_the_tokens_and_checkpointing_cuts_activations():
 def test_optimizer_and_quantization_choices_change_what_they_should():
     base = PlanInput(QWEN7, method="full", precision="bf16")
     eight_bit = plan(replace(base, optim="adamw_8bit")).gib("optimizer")
-    assert plan(base).gib("optimizer") == pytest.approx(2 * eight_bit)  # bf16 moments (2 B) vs 8-bit (1 B)
+    assert plan(base).gib("optimizer") == pytest.approx(4 * eight_bit)  # fp32 moments of fp32 masters vs 8-bit (1 B)
     assert plan(replace(base, optim="paged_adamw_32bit")).gib("optimizer") == pytest.approx(4 * eight_bit)
     assert plan(replace(base, layout="zero3", gpus=2)).gib("master") > 0  # DeepSpeed keeps fp32 masters
     qlora, lora = plan(replace(base, method="qlora")), plan(replace(base, method="lora"))
@@ -154,6 +154,30 @@ def test_optimizer_and_quantization_choices_change_what_they_should():
     assert qlora.gib("weights_nf4") == pytest.approx(counts["linear"] * 0.5 / GIB)  # only the linears are 4-bit
     assert qlora.gib("weights_16bit") == pytest.approx((QWEN7.total_params() - counts["linear"]) * 2 / GIB)
     assert lora.gib("weights_16bit") == pytest.approx(QWEN7.total_params() * 2 / GIB)
+
+
+def test_full_fine_tuning_in_bf16_keeps_fp32_masters_on_every_layout():
+    n = QWEN7.total_params()
+    for layout, gpus in (("single", 1), ("ddp", 8), ("fsdp", 8), ("zero3", 8)):
+        bf16 = plan(PlanInput(QWEN7, method="full", stage="dpo", precision="bf16", gpus=gpus, layout=layout))
+        shards = 1 if layout in ("single", "ddp") else gpus
+        if layout == "zero3":  # 16-bit weights and gradients beside DeepSpeed's fp32 masters and fp32 states
+            assert bf16.gib("weights_trainable") == pytest.approx(n * 2 / shards / GIB)
+            assert bf16.gib("master") == pytest.approx(n * 4 / shards / GIB)
+        else:  # the fp32 weights are the masters
+            assert bf16.gib("weights_trainable") == pytest.approx(n * 4 / shards / GIB)
+            assert bf16.gib("master") == 0
+        assert bf16.gib("optimizer") == pytest.approx(n * 2 * 4 / shards / GIB)  # Adam's two fp32 moments
+        # trl loads the reference in the policy's dtype: fp32, but 16-bit under ZeRO-3's zero.Init
+        ref_b = 2 if layout == "zero3" else 4
+        assert bf16.gib("reference") == pytest.approx(n * ref_b / shards / GIB), layout
+        # Unsharded, autocast keeps a 16-bit copy of every trained weight; the residual stream is fp32 like them.
+        assert bf16.gib("autocast_cache") == pytest.approx((n * 2 / GIB) if shards == 1 else 0)
+        # ... and fp16 plans the same bytes: both keep fp32 masters
+        fp16 = plan(PlanInput(QWEN7, method="full", stage="dpo", precision="fp16", gpus=gpus, layout=layout))
+        assert fp16.per_gpu_gib == pytest.approx(bf16.per_gpu_gib)
+    single = plan(PlanInput(QWEN7, method="full", precision="bf16", seq=1024))
+    assert single.gib("act_checkpoints") == pytest.approx(QWEN7.num_layers * 1024 * QWEN7.hidden_size * 4 / GIB)
 
 
 def test_largest_micro_batch_grows_with_memory():

@@ -110,20 +110,25 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def save_trained(trainer, out: Path, peft: bool) -> None:
     """Write the complete adapter (or model) to `out`, whichever backend sharded it. Collective: call on every rank.
-    Weights holding NaN/inf are refused (dpo_dist.reliability.Guard.check_weights) before anything is written."""
+    Weights holding NaN/inf are refused (dpo_dist.reliability.Guard.check_weights) before anything is written.
+
+    A full-parameter model is exported in the dtype it trained at (export_dtype): a bf16 run writes bf16 weights on
+    every profile, as ZeRO-3's 16-bit gather does, though it trained fp32 master weights (dpo_dist.models.model_dtype).
+    The masters stay in the checkpoints, which resume from them."""
     guard = getattr(trainer, "guard", None)
     if guard is not None:
         guard.check_weights(trainer.model, trainer.state.global_step, str(out))
     plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
-    if plugin is None or "FULL_STATE_DICT" in str(plugin.state_dict_type):
-        trainer.save_model(str(out))  # single, DDP, ZeRO-3 (gathers 16-bit weights) and FSDP full state dicts
+    sharded = plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type)
+    if trainer.is_deepspeed_enabled or (peft and not sharded):
+        trainer.save_model(str(out))  # an adapter (single, DDP, FSDP full state dict); ZeRO-3 gathers 16-bit weights
         if trainer.accelerator.is_main_process:
             # The Trainer adds its pickled arguments; an exported adapter or model holds safetensors and JSON only
             # (the run's settings are in the run directory's recipe.yaml).
             (out / "training_args.bin").unlink(missing_ok=True)
         return
-    # FSDP with a sharded state dict: Trainer.save_model writes nothing. Gather the adapter alone (not the 4-bit
-    # base) from its shards, or the whole model for full-parameter training.
+    # A sharded FSDP adapter (Trainer.save_model writes nothing for a sharded state dict): gather it alone (not the
+    # 4-bit base) from its shards. A full model, on any backend but ZeRO-3: its whole state dict.
     if peft:
         state = {}
         for name, param in trainer.model.named_parameters():
@@ -137,8 +142,40 @@ def save_trained(trainer, out: Path, peft: bool) -> None:
     model = trainer.accelerator.unwrap_model(trainer.model)
     if peft:
         _write_adapter(model, state, out)
-    else:
-        model.save_pretrained(str(out), state_dict=state)
+        return
+    dtype = export_dtype(trainer.args)
+    model.save_pretrained(str(out), state_dict=cast_floats(state, dtype))
+    # save_pretrained records the live model's dtype (fp32 masters) in config.json; record the saved one.
+    config = copy.deepcopy(model.config)
+    config.dtype = str(dtype).removeprefix("torch.")
+    config.save_pretrained(str(out))
+
+
+def export_dtype(args):
+    """The dtype an exported full model is written in: the run's precision (TrainingArguments bf16 / fp16)."""
+    import torch
+
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
+def cast_floats(state: dict, dtype) -> dict:
+    """`state` with its floating-point tensors cast to `dtype`. Tensors that share storage (tied embeddings) stay
+    shared, so save_pretrained still recognises and drops the tied copy."""
+    import torch
+
+    cast: dict = {}
+    out = {}
+    for key, tensor in state.items():
+        if not tensor.is_floating_point() or tensor.dtype == dtype:
+            out[key] = tensor
+            continue
+        ident = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if ident not in cast:
+            cast[ident] = tensor.to(dtype)
+            if dtype == torch.float16 and not bool(torch.isfinite(cast[ident]).all()):
+                raise ValueError(f"{key} has values beyond fp16's range (65504): it cannot be exported in fp16")
+        out[key] = cast[ident]
+    return out
 
 
 def _write_adapter(model, state: dict, out: Path) -> None:

@@ -133,16 +133,18 @@ class TrainBytes:
     state: int
 
 
+def half_precision(inp: PlanInput) -> bool:
+    return inp.precision in ("bf16", "fp16")
+
+
 def train_bytes(inp: PlanInput) -> TrainBytes:
-    half = inp.precision != "fp32"
+    half = half_precision(inp)
     if inp.layout.startswith("zero3") and half:
         return TrainBytes(2, 2, 4, 4)  # DeepSpeed: 16-bit weights and gradients, fp32 master and optimizer states
     if inp.method == "full":
-        if inp.layout.startswith("fsdp") and half:
-            return TrainBytes(4, 4, 0, 4)  # accelerate upcasts trainable weights to fp32; FSDP computes in 16-bit
-        if inp.precision == "bf16":
-            return TrainBytes(2, 2, 0, 2)  # dpo-dist loads bf16 weights and the Trainer updates them in place
-        return TrainBytes(4, 4, 0, 4)  # fp16 keeps fp32 weights for the gradient scaler; fp32 is fp32
+        # fp32 master weights on every profile (dpo_dist.models.model_dtype): unsharded runs load fp32 weights and
+        # autocast computes in 16-bit; FSDP2 keeps the fp32 weights it is given and computes in 16-bit.
+        return TrainBytes(4, 4, 0, 4)
     # Adapters: one dtype with the base in bf16 (dpo-dist casts them); fp32 under fp16 (the scaler needs fp32), under
     # FSDP with a 16-bit base (accelerate upcasts trainable weights) and where peft's default fp32 adapters are kept.
     fsdp_upcast = inp.layout.startswith("fsdp") and inp.method == "lora"
@@ -233,9 +235,10 @@ def _trainable(inp: PlanInput, p: Plan) -> None:
     if inp.layout == "ddp":
         _add(p, "ddp_buckets", "DDP gradient buckets", n * tb.grad,
              f"{fmt_count(n)} × {tb.grad} B: DDP reduces through flat buckets as large as all gradients")
-    if inp.method == "full" and inp.precision == "fp16" and not inp.sharded:
-        _add(p, "autocast_cache", "fp16 weight copies (autocast cache)", n * 2,
-             f"{fmt_count(n)} × 2 B: autocast keeps an fp16 copy of each fp32 trainable weight during the step")
+    if inp.method == "full" and half_precision(inp) and not inp.sharded:
+        _add(p, "autocast_cache", f"{inp.precision} weight copies (autocast cache)", n * 2,
+             f"{fmt_count(n)} × 2 B: autocast keeps a {inp.precision} copy of each fp32 trainable weight during the "
+             "step")
 
 
 def _reference(inp: PlanInput, p: Plan) -> None:
@@ -244,8 +247,9 @@ def _reference(inp: PlanInput, p: Plan) -> None:
     if inp.method != "full":
         _add(p, "reference", "DPO reference model", 0, "0: the policy's own base with the adapter disabled")
         return
-    # The reference loads like the policy (fp16 runs load fp32 weights) and is sharded or offloaded with it.
-    b = 2 if inp.precision == "bf16" or (inp.precision == "fp16" and inp.layout.startswith("zero3")) else 4
+    # trl's DPOTrainer loads the reference in the policy's dtype (fp32 for full fine-tuning, whatever the precision:
+    # model_dtype), and shards or offloads it with the policy; only ZeRO-3's zero.Init stores it in 16-bit.
+    b = 2 if half_precision(inp) and inp.layout.startswith("zero3") else 4
     n = inp.arch.total_params()
     _add(p, "reference", "DPO reference model (frozen full copy)", n * b / inp.shards,
          f"{fmt_count(n)} × {b} B{_share(inp)}", "cpu" if inp.offload else "gpu")
@@ -289,10 +293,19 @@ def _sharding_buffers(inp: PlanInput, p: Plan) -> None:
              f"min(reduce_bucket_size hidden² = {fmt_count(h * h)}, trainable) × {a} B")
 
 
+def stream_bytes(inp: PlanInput) -> int:
+    """Bytes of one residual-stream value. fp32 where the embeddings and norms hold fp32 weights, which autocast
+    leaves in fp32 (it casts only the matmuls' inputs): full fine-tuning on one GPU or under DDP, whose weights are the
+    fp32 masters, and --upcast-unquantized. Otherwise the compute dtype."""
+    if inp.upcast_unquantized or (inp.method == "full" and not inp.sharded):
+        return 4
+    return PRECISIONS[inp.precision]
+
+
 def layer_bytes_per_token(inp: PlanInput) -> tuple[float, str]:
     """Bytes one decoder layer saves for its backward pass, per token, with the formula."""
     arch, a = inp.arch, PRECISIONS[inp.precision]
-    ah = 4 if inp.upcast_unquantized else a  # the residual stream's dtype
+    ah = stream_bytes(inp)
     h, i = arch.hidden_size, arch.intermediate_size
     norms = 2 * (4 + ah) * h  # each RMSNorm: its input upcast to fp32, and its output that the next matmul reads
     attn = a * (2 * arch.q_dim + 2 * arch.kv_dim)  # q, k, v and the attention output (flash/sdpa: no s² scores)
@@ -321,7 +334,7 @@ def layer_bytes_per_token(inp: PlanInput) -> tuple[float, str]:
 
 def _activations(inp: PlanInput, p: Plan) -> None:
     arch, a, T = inp.arch, PRECISIONS[inp.precision], inp.tokens
-    ah = 4 if inp.upcast_unquantized else a
+    ah = stream_bytes(inp)
     h, i, L, V = arch.hidden_size, arch.intermediate_size, arch.num_layers, arch.vocab_size
     seqs = f"{inp.micro_batch} × {inp.seq}" + (" × 2 (chosen + rejected)" if inp.stage == "dpo" else "")
     per_token, per_token_text = layer_bytes_per_token(inp)
