@@ -10,7 +10,8 @@ TORCH_VERSION ?= 2.13.0
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-		echo "NVIDIA GPU found: installing the CUDA build of torch"; $(PIP) install "torch>=2.4"; \
+		args=$$(TORCH_CUDA="$(TORCH_CUDA)" TORCH_INDEX_URL="$(TORCH_INDEX_URL)" python3 scripts/torch-wheel --torch-version "$(TORCH_VERSION)") || exit 1; \
+		echo "NVIDIA GPU found: installing $$args"; $(PIP) install $$args; \
 	else \
 		echo "no NVIDIA GPU: installing the CPU build of torch $(TORCH_VERSION)"; $(PIP) install "torch==$(TORCH_VERSION)"; \
 	fi
