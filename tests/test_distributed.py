@@ -360,6 +360,17 @@ def test_fsdp_ranks_refuse_a_bitsandbytes_optimizer_before_loading(tiny_base, da
     assert not (tmp_path / "runs" / "sft" / "summary.json").exists()
 
 
+def test_the_bitsandbytes_refusal_is_still_needed(tmp_path):
+    # Why the refusal above exists, on a real 1-rank FSDP2 group over gloo: bitsandbytes' optimizer cannot step
+    # DTensor parameters. When a bitsandbytes release can, this fails: lift the refusal (BITSANDBYTES_OPTIMIZERS).
+    out = tmp_path / "bnb.json"
+    run([BIN / "torchrun", "--nproc_per_node=1", "--master_port=29620", "-m", "dpo_dist.tools.gpu_check",
+         "bnb-fsdp2", "--device", "cpu", "--out", out])
+    result = json.loads(out.read_text())
+    assert result["verdict"] == "refusal still needed", result
+    assert result["details"]["param_type"] == "DTensor" and result["details"]["known_error"] is True, result
+
+
 def test_fsdp_keeps_torch_compile(tiny_base, data, tmp_path):
     # The FSDP state dpo-dist creates before the Trainer's Accelerator is the one the Trainer reuses; with a default
     # dynamo plugin there, train.torch_compile was dropped without a word. The eager backend traces (dynamo) without
