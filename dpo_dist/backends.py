@@ -232,11 +232,59 @@ def _check_zero_file(profile: Profile, backend: Backend) -> None:
         if key in settings and settings[key] != "auto":
             raise ConfigError(f"{source}: {key} is {settings[key]!r}; set it to \"auto\": the recipe's global batch "
                               "and the profile's micro-batch decide it")
+    offload = settings.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if offload == "cpu":
+        facts = cpu_adam_facts()
+        if not facts["ok"]:
+            raise ConfigError(
+                f"{source}: offload_optimizer on the CPU steps with DeepSpeed's CPU Adam, {facts['detail']}; "
+                "install a C++ compiler and ninja (DeepSpeed builds it at the first step), or reinstall deepspeed "
+                "with it prebuilt (DS_BUILD_CPU_ADAM=1 pip install deepspeed), or use a profile without offload")
     for key, precision in (("fp16", "fp16"), ("bf16", "bf16")):
         enabled = settings.get(key, {}).get("enabled", "auto")
         if enabled not in ("auto", False) and profile.precision and profile.precision != precision:
             raise ConfigError(f"{source}: {key}.enabled is {enabled!r} but the profile trains in {profile.precision}; "
                               "set it to \"auto\"")
+
+
+def cpu_adam_facts() -> dict:
+    """DeepSpeed's CPU Adam, which ZeRO's optimizer offload steps with, and which DeepSpeed JIT-builds at the first
+    step unless it came prebuilt: prebuilt, already JIT-built, or buildable (a compiler, ninja, the builder's own
+    check). Nothing is built here. Shared by the offload preflight (check_run) and `dpo-dist doctor`."""
+    import importlib.util
+    import shutil
+    import sys
+
+    out = {"ok": False, "status": "unavailable", "compiler": None, "ninja": False}
+    if importlib.util.find_spec("deepspeed") is None:
+        return {**out, "detail": "deepspeed is not installed"}
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root, is_ninja_available
+
+    try:
+        from deepspeed.git_version_info import installed_ops
+        from deepspeed.ops.op_builder import CPUAdamBuilder
+
+        builder = CPUAdamBuilder()
+        compatible = builder.is_compatible(verbose=False)
+    except Exception as err:
+        return {**out, "detail": f"deepspeed's op builder fails: {type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"}
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    out.update(compiler=compiler, ninja=is_ninja_available())
+    if installed_ops.get(builder.name):
+        return {**out, "ok": True, "status": "prebuilt", "detail": "prebuilt into the installed deepspeed"}
+    # torch.utils.cpp_extension.load builds into <root>/py<XY>_<cpu|cuXYZ>/<name>; a finished build leaves <name>.so
+    cu = "cpu" if torch.version.cuda is None else f"cu{torch.version.cuda.replace('.', '')}"
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    built = root / f"py{sys.version_info.major}{sys.version_info.minor}_{cu}" / builder.name / f"{builder.name}.so"
+    if built.is_file():
+        return {**out, "ok": True, "status": "jit-built", "detail": f"already JIT-built in {built.parent}"}
+    lacking = [what for what, ok in (("no C++ compiler (c++ or $CXX)", compiler), ("no ninja", out["ninja"]),
+                                     ("its builder's compatibility check fails", compatible)) if not ok]
+    if lacking:
+        return {**out, "detail": f"not prebuilt, and cannot be built here: {', '.join(lacking)}"}
+    return {**out, "ok": True, "status": "buildable",
+            "detail": f"not prebuilt; DeepSpeed builds it at the first step ({compiler}, ninja found)"}
 
 
 def _read_json(path: Path) -> dict:

@@ -212,10 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "before loading weights (global batch split, methods, precision)")
     p.set_defaults(func=_validate)
 
-    from dpo_dist import prepare
+    from dpo_dist import doctor, prepare
     from dpo_dist.tools import bench, chat, evaluate, firefly_import, plan, plot
 
-    for tool in (prepare, plan, chat, evaluate, plot, bench, firefly_import):
+    for tool in (prepare, plan, chat, evaluate, plot, bench, firefly_import, doctor):
         tool.add_parser(sub)  # each registers its subcommand(s)
 
     p = sub.add_parser("profiles", help="list the launch profiles")

@@ -348,3 +348,25 @@ def test_the_bitsandbytes_optimizer_names_are_those_transformers_builds_from_bit
         if getattr(cls, "__module__", "").startswith("bitsandbytes"):
             found.add(name.value)
     assert found == BITSANDBYTES_OPTIMIZERS
+
+
+def test_zero_offload_without_a_way_to_build_cpu_adam_is_refused(monkeypatch):
+    # DeepSpeed JIT-builds its CPU Adam at the first step of an offload run: without a compiler that step fails after
+    # the whole model has loaded. Here a compiler and ninja exist (the check passes); then the compiler is taken away.
+    import shutil
+
+    from dpo_dist.backends import cpu_adam_facts
+
+    assert cpu_adam_facts()["ok"], cpu_adam_facts()
+    args = ["configs/recipes/qwen2.5-72b-dpo-qlora.yaml", "--profile", "8xh100-zero3-offload", "--dry-run",
+            "method.type=full"]
+    assert cli.main(["launch", *args]) == 0
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name in ("c++", "g++") else real_which(name))
+    facts = cpu_adam_facts()
+    assert not facts["ok"] and facts["detail"] == "not prebuilt, and cannot be built here: no C++ compiler (c++ or $CXX)"
+    with pytest.raises(ConfigError, match=r"zero3-offload.json: offload_optimizer on the CPU steps with DeepSpeed's "
+                                          r"CPU Adam, not prebuilt, and cannot be built here.*install a C\+\+ compiler"):
+        from dpo_dist.launch import preflight
+
+        preflight(args[0], load_profile("8xh100-zero3-offload"), ["method.type=full"], 1, sources=False)
