@@ -8,6 +8,8 @@
     nan-loss      the loss of step N is NaN (on every micro-batch of that step)
     nan-weights   a trainable weight becomes NaN at the end of step N
     hang          the process stops taking part in collectives at the end of step N (sleeps forever)
+    refpass-kill  SIGKILL once the reference log-prob pass (dpo_dist.stages.ref_cache) has computed its round N (one
+                  batch per rank), before that round is written to the cache
 
 Every injected fault prints one `[fault] ...` line to stderr first, with the wall-clock time, so a test can measure
 how long the job took to notice.
@@ -27,7 +29,7 @@ from transformers import TrainerCallback
 
 KILL_ENV = "DPO_DIST_KILL_AT_STEP"
 FAULT_ENV = "DPO_DIST_FAULT"
-KINDS = ("save-kill", "save-enospc", "nan-loss", "nan-weights", "hang")
+KINDS = ("save-kill", "save-enospc", "nan-loss", "nan-weights", "hang", "refpass-kill")
 
 
 def _rank() -> int:
@@ -86,8 +88,8 @@ def parse_faults(spec: str) -> list[Fault]:
 
 
 class Faults(TrainerCallback):
-    """The faults of `DPO_DIST_FAULT`. The trainer calls `poison_loss` and `during_save`; the step-end faults
-    (nan-weights, hang) run as a callback."""
+    """The faults of `DPO_DIST_FAULT`. The trainer calls `poison_loss` and `during_save`, the reference pass
+    `during_ref_pass`; the step-end faults (nan-weights, hang) run as a callback."""
 
     def __init__(self, spec: str | None = None):
         self.faults = parse_faults(spec if spec is not None else os.environ.get(FAULT_ENV, ""))
@@ -110,6 +112,11 @@ class Faults(TrainerCallback):
             path.write_bytes(b"\0" * 4096)  # a write that got part of the way
             announce(f"ENOSPC while writing {path}")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    def during_ref_pass(self, rounds_done: int) -> None:
+        if self._due("refpass-kill", rounds_done):
+            announce(f"SIGKILL in the reference log-prob pass, after its round {rounds_done}")
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step

@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from dpo_dist.parity import rel_diff, weights_diff
+from dpo_dist.stages import ref_cache
 from dpo_dist.stages.common import read_metrics
 from tests.conftest import write_jsonl
 
@@ -309,8 +310,8 @@ def test_ref_logps_cache_filled_under_sharding_matches_the_inline_reference(prof
     assert (first["pairs"], first["cached"], first["computed"]) == (96, 0, 96)
     assert first["batches"] == 12  # 96 pairs in batches of 4 × micro-batch 2, dealt to 2 ranks
     assert (again["cached"], again["computed"], again["batches"]) == (96, 0, 0)
-    files = list((tmp_path / "cache" / "ref-logps").glob("*.json"))
-    assert len(files) == 1 and len(json.loads(files[0].read_text())["pairs"]) == 96
+    files = list((tmp_path / "cache" / "ref-logps").glob("*.jsonl"))
+    assert len(files) == 1 and len(ref_cache.RefLogpsCache(files[0], 1)._read()) == 96
     for name in ("first", "again"):
         for key in ("loss", "grad_norm", "rewards/chosen", "rewards/margins"):
             assert rel_diff(losses(tmp_path / "inline" / "dpo", key), losses(tmp_path / name / "dpo", key)) <= 1e-5, \

@@ -16,7 +16,7 @@ from dpo_dist.recipe import StageConfig
 from dpo_dist.reliability import GuardedTrainer
 from dpo_dist.stages.common import training_kwargs
 from dpo_dist.stages.logps import install_compact_head, padding_free_for
-from dpo_dist.stages.ref_cache import RefLogpsCache, cache_dir, model_key
+from dpo_dist.stages.ref_cache import KeyedCollator, RefLogpsCache, cache_dir, model_key, without_pair_keys
 
 
 class PretokenizedDPOTrainer(LengthGroupedTrainer, GuardedTrainer, DPOTrainer):
@@ -35,17 +35,21 @@ class PretokenizedDPOTrainer(LengthGroupedTrainer, GuardedTrainer, DPOTrainer):
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def _compute_loss(self, model, inputs, return_outputs):
+        model_inputs = without_pair_keys(inputs)  # TRL passes the batch's other keys on to the model's forward
         if self.loss_types == ["simpo"]:
-            return self._simpo_loss(model, inputs)
+            return self._simpo_loss(model, model_inputs)
         if self.ref_cache is None or not self.model.training:
-            return super()._compute_loss(model, inputs, return_outputs)
-        chosen, rejected = self.ref_cache.lookup(self, inputs)
-        inputs = {**inputs, "ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
+            return super()._compute_loss(model, model_inputs, return_outputs)
+        chosen, rejected = self.ref_cache.lookup(self, inputs)  # by the collator's pair keys: no device→host copy
+        inputs = {**model_inputs, "ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
         self.precompute_ref_logps = True  # TRL's loss then reads the reference values from the batch
         try:
             return super()._compute_loss(model, inputs, return_outputs)
         finally:
             self.precompute_ref_logps = False
+
+    def compute_ref_log_probs(self, model, inputs):
+        return super().compute_ref_log_probs(model, without_pair_keys(inputs))
 
     def _simpo_loss(self, model, inputs):
         """Reference-free: -log σ(β·(mean logp chosen − mean logp rejected) − γ). No reference pass is run."""
@@ -121,7 +125,8 @@ def build_dpo_trainer(stage: StageConfig, args: DPOConfig, model, tokenizer, tra
         head = ["compact", stage.train.logps_vocab_chunk] if stage.train.compact_logps else ["trl"]
         key = model_key(reference if reference is not None else policy, precision,
                         {"ld_alpha": trainer.ld_alpha, "head": head})
-        trainer.ref_cache = RefLogpsCache(cache_dir() / f"{key}.json",
+        trainer.ref_cache = RefLogpsCache(cache_dir() / f"{key}.jsonl",
                                           stage.train.ref_logps_batch_size or 4 * args.per_device_train_batch_size,
                                           log=log)
+        trainer.data_collator = KeyedCollator(trainer.data_collator)  # each batch carries its pairs' cache keys
     return trainer
