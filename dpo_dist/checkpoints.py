@@ -130,15 +130,19 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank if it is True on any rank."""
+def any_rank(flag) -> bool:
+    """True on every rank if it is True on any rank. `flag` is a bool, or a one-element tensor computed on the device
+    (the loss guard's): it is reduced where it lies, so the answer costs one all-reduce and one host sync, not two."""
     import torch
     import torch.distributed as dist
 
     if not _multi_rank():
-        return flag
+        return bool(flag)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    value = torch.tensor([1 if flag else 0], device=device)
+    if torch.is_tensor(flag):
+        value = flag.detach().reshape(1).to(device=device, dtype=torch.int32)
+    else:
+        value = torch.tensor([1 if flag else 0], device=device, dtype=torch.int32)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
 

@@ -71,7 +71,9 @@ def _probe_flash(cuda: bool) -> tuple[bool, str]:
     except Exception as err:  # an ABI mismatch raises ImportError or OSError, a broken build anything
         return False, f"flash-attn is installed but does not import: {type(err).__name__}: {_first_line(err)}"
     try:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        from dpo_dist.backends import bf16_native
+
+        dtype = torch.bfloat16 if bf16_native() else torch.float16
         q = torch.randn(1, 16, 2, 64, device="cuda", dtype=dtype)
         out = flash_attn_func(q, q, q, causal=True)
         torch.cuda.synchronize()

@@ -3,9 +3,11 @@
 - Checkpoints are written to `checkpoints/.staging/checkpoint-N` and only renamed into place, fsynced and marked
   COMPLETE (dpo_dist.checkpoints.CheckpointMarker) once every rank has written its part. A crash or a full disk
   during a save leaves the previous checkpoints untouched; a failed save is one clear error.
-- A non-finite loss is caught before its gradients reach the weights. All ranks agree on it (one all-reduce per
-  micro-batch). `train.on_nonfinite_loss: stop` (the default) stops, naming the step and the last good checkpoint;
-  `skip` drops that optimizer step's update and goes on, at most `train.max_nonfinite_skips` times.
+- A non-finite loss is caught before its gradients reach the weights. It is checked once per optimizer step: each
+  micro-batch's loss stays on the device, and the step's last micro-batch, before its backward, asks all ranks at once
+  (one host sync and one all-reduce per step). `train.on_nonfinite_loss: stop` (the default) stops, naming the step and
+  the last good checkpoint; `skip` drops that optimizer step's update and goes on, at most `train.max_nonfinite_skips`
+  times. The advice in the message fits the run: bf16 only where the GPU computes it natively (not on a V100).
 - Weights with NaN/inf are never saved, as a checkpoint or as the final adapter/model.
 - A collective that does not finish within the profile's `collective_timeout_s`, or a peer rank that vanished,
   becomes an error saying which rank, which step, and what to look at.
@@ -50,6 +52,14 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def bf16_native() -> bool:
+    """Whether this process's GPU computes bf16 natively (dpo_dist.backends.bf16_native): False on Volta (V100),
+    whose bf16 is emulated, and without a GPU."""
+    from dpo_dist.backends import bf16_native as native
+
+    return native()
+
+
 @dataclass
 class Guard:
     """What one stage's trainer needs to know to protect its run (passed narrowly, not the whole recipe)."""
@@ -60,22 +70,53 @@ class Guard:
     collective_timeout_s: int = 1800
     faults: Faults = field(default_factory=Faults)
     log: object = print
+    # What the advice in the messages depends on. None: GuardedTrainer.train fills in fp16 and skip_available from its
+    # own arguments and backend; bf16_available is asked of the GPU (bf16_native) only when a message is written.
+    fp16: bool | None = None
+    bf16_available: bool | None = None
+    skip_available: bool | None = None  # False under DeepSpeed, which refuses on_nonfinite_loss: skip
     skipped_steps: list[int] = field(default_factory=list)
     _skip_pending: bool = False
+    _losses: list = field(default_factory=list, repr=False)  # this step's micro-batch losses, on their device
 
     def last_good(self) -> str:
         found = latest_complete(self.run_dir)
         return str(found) if found else "none (no checkpoint was saved yet)"
 
     # ---- non-finite loss ------------------------------------------------------------------------------------------
-    def check_loss(self, loss, step: int) -> None:
+    # Once per optimizer step, not per micro-batch: reading a flag on the host waits for the GPU, and agreeing on it is
+    # an all-reduce. Each micro-batch's loss is kept on its device (note_loss); the step's last micro-batch decides for
+    # all of them (check_step) before its own backward, because DeepSpeed's engine applies the update inside that
+    # backward. The earlier micro-batches' backwards only accumulate gradients: a stop never applies them, and a skip
+    # drops them with the zero_grad that follows the step.
+    def note_loss(self, loss) -> None:
+        """Every training micro-batch: keep its loss (detached, on its device; nothing is read on the host)."""
+        self._losses.append(loss.detach().reshape(-1))
+
+    def check_step(self, step: int) -> None:
+        """The step's last micro-batch, before its backward. Collective: one host sync and one all-reduce. Raises
+        NonFiniteLoss, or marks the step to be skipped, if any micro-batch of the step had a non-finite loss on any
+        rank."""
         import torch
 
-        local_bad = not bool(torch.isfinite(loss.detach()).all())
-        if not any_rank(local_bad):
+        if not self._losses:
             return
-        value = f"{loss.detach().float().item()}" if local_bad else None
-        if self._skip_pending:  # this step is already being skipped (another micro-batch of it was bad)
+        losses = torch.cat(self._losses) if len(self._losses) > 1 else self._losses[0]
+        self._losses = []
+        finite = torch.isfinite(losses)
+        if not any_rank(~finite.all()):
+            return
+        local_bad = not bool(finite.all())  # only on the bad path: reading the values is a sync
+        value = f"{losses[~finite][0].float().item()}" if local_bad else None
+        self._bad_step(step, value)
+
+    def check_loss(self, loss, step: int) -> None:
+        """One loss that is its step's only micro-batch (note_loss, then check_step)."""
+        self.note_loss(loss)
+        self.check_step(step)
+
+    def _bad_step(self, step: int, value: str | None) -> None:
+        if self._skip_pending:  # this step is already being skipped
             return
         if self.on_nonfinite_loss == "skip" and len(self.skipped_steps) < self.max_nonfinite_skips:
             self._skip_pending = True
@@ -89,22 +130,44 @@ class Guard:
                 f"{self.stage} step {step}: {_what(value)} again after {len(self.skipped_steps)} skipped "
                 f"steps ({', '.join(map(str, self.skipped_steps))}), the limit set by train.max_nonfinite_skips; the "
                 f"run is diverging. No weights were changed by this step. Last good checkpoint: {self.last_good()}. "
-                "Lower train.learning_rate or use bf16 instead of fp16, then run again with --resume")
+                f"{self.remedy()}, then run again with --resume")
+        skip = ("To skip such steps instead, set train.on_nonfinite_loss: skip in the recipe" if self.skip_available
+                is not False else "(train.on_nonfinite_loss: skip is not available under DeepSpeed)")
         raise NonFiniteLoss(
             f"{self.stage} step {step}: {_what(value)}; stopped before the optimizer "
-            f"step, so no weights were changed. Last good checkpoint: {self.last_good()}. Usual causes: fp16 "
-            "overflow (use bf16), too high a learning rate, a broken row. To skip such steps instead, set "
-            "train.on_nonfinite_loss: skip in the recipe, then run again with --resume")
+            f"step, so no weights were changed. Last good checkpoint: {self.last_good()}. {self.remedy()}. {skip}, "
+            "then run again with --resume")
 
+    def remedy(self) -> str:
+        """What to change so that the run stays finite, for this run's precision and GPU: bf16 only where the GPU
+        computes it natively; on a V100 in fp16, what works there."""
+        lr = "lower train.learning_rate or raise train.warmup_steps/train.warmup_ratio"
+        if not self.fp16:
+            return f"Usual causes: too high a learning rate ({lr}), a broken row in this step's data"
+        bf16 = self.bf16_available if self.bf16_available is not None else bf16_native()
+        if bf16:
+            return ("Usual causes: fp16 overflow (this GPU computes bf16 natively: train in bf16 instead, with "
+                    f"train.bf16: true and train.fp16: false, or a bf16 launch profile), too high a learning rate "
+                    f"({lr}), a broken row in this step's data")
+        return ("Usual cause: fp16 overflow. This GPU has no native bf16, so stay in fp16 and "
+                f"{lr}; keep gradient clipping on (train.max_grad_norm > 0); check this step's rows for a broken one. "
+                "fp16's gradient scaler skips a step whose gradients overflow by itself (and lowers its scale), but "
+                "a non-finite loss overflowed in the forward pass, before the scaler")
     def take_skip(self) -> bool:
         """True once per skipped step: the optimizer must not apply this step's gradients."""
         pending, self._skip_pending = self._skip_pending, False
         return pending
 
-    def end_step(self) -> None:
+    def end_step(self, step: int | None = None) -> None:
         """At every step end. Under fp16 the gradient scaler itself declines to call optimizer.step for NaN gradients,
         so the skip may never be taken: it must not carry over to the next, good step."""
         self._skip_pending = False
+        if self._losses:  # the step's check never ran: its update was applied unchecked
+            self._losses = []
+            raise RuntimeError(
+                f"{self.stage} step {step}: the non-finite loss check did not run before the optimizer step. "
+                "GuardedTrainer.compute_loss checks on the micro-batch where accelerator.sync_gradients is True, which "
+                "the Trainer sets before each training_step (transformers 5); this transformers version does not")
 
     # ---- weights --------------------------------------------------------------------------------------------------
     def check_weights(self, model, step: int, what: str) -> None:
@@ -119,8 +182,7 @@ class Guard:
             where = f"{bad} on rank {_rank()}" if bad else "another rank's weights"
             raise NonFiniteWeights(
                 f"{self.stage} step {step}: trainable weights hold NaN/inf ({where}); not saving {what}. Last good "
-                f"checkpoint: {self.last_good()}. Lower train.learning_rate or use bf16 instead of fp16, then run "
-                "again with --resume")
+                f"checkpoint: {self.last_good()}. {self.remedy()}, then run again with --resume")
 
     # ---- saving ---------------------------------------------------------------------------------------------------
     def save_failed(self, err: BaseException, step: int, checkpoint_dir: Path) -> CheckpointSaveError:
@@ -216,6 +278,14 @@ class GuardedTrainer:
     guard: Guard | None = None
     _staging = False
 
+    def train(self, *args, **kwargs):
+        if self.guard is not None:  # the facts the guard's advice depends on, where the caller left them open
+            if self.guard.fp16 is None:
+                self.guard.fp16 = bool(self.args.fp16)
+            if self.guard.skip_available is None:
+                self.guard.skip_available = not getattr(self, "is_deepspeed_enabled", False)
+        return super().train(*args, **kwargs)
+
     def _get_output_dir(self, trial):
         out = super()._get_output_dir(trial)
         return os.path.join(out, STAGING) if self._staging else out
@@ -247,7 +317,11 @@ class GuardedTrainer:
             return out
         step = self.state.global_step + 1  # the step this micro-batch belongs to
         loss = self.guard.faults.poison_loss(out[0] if return_outputs else out, step)
-        self.guard.check_loss(loss, step)
+        self.guard.note_loss(loss)
+        # The Trainer sets sync_gradients before each training_step (transformers 5, Trainer._run_epoch): True on the
+        # step's last micro-batch, whose backward comes next and, under DeepSpeed, applies the update.
+        if self.accelerator.sync_gradients:
+            self.guard.check_step(step)
         return (loss, *out[1:]) if return_outputs else loss
 
     def create_optimizer(self, *args, **kwargs):
@@ -271,4 +345,4 @@ class GuardCallback(TrainerCallback):
         self.guard = guard
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.guard.end_step()
+        self.guard.end_step(state.global_step)

@@ -8,16 +8,19 @@ weights and a hung rank. Each case checks what the run says, what is left on dis
 | full disk while saving       | cpu-ddp-2    | save-enospc@4 on rank 0  | one clear error, checkpoint-2 intact, resume    |
 | NaN loss, default            | cpu-ddp-2    | nan-loss@3 on rank 1     | both ranks stop: step 3, last good checkpoint-2 |
 | NaN loss, skip               | cpu-fsdp-2   | nan-loss@3 on rank 1     | step 3's update skipped on both ranks, finishes |
+| NaN in 1 of 4 micro-batches  | cpu, in-proc | micro-batch 1 or 4 of 2  | stop or skip before the update, 1 check a step  |
 | NaN weights                  | cpu          | nan-weights@2            | checkpoint-2 and the adapter are never written  |
 | hung rank                    | cpu-ddp-2    | hang@2 on rank 1         | rank 0 fails after collective_timeout_s         |
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
 import sys
 import time
+from collections import Counter
 
 import pytest
 import yaml
@@ -93,6 +96,45 @@ def _files(root):
 
 # ---- unit: the guard's decisions on one process -------------------------------------------------------------------
 
+HOST_READS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist")
+
+
+@contextlib.contextmanager
+def host_reads():
+    """Records every read of a tensor's value on the host (on a GPU, each one waits for the device: a sync)."""
+    import torch
+
+    seen = []
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def recorder(name):
+        def read(self, *a, **k):
+            seen.append(name)
+            return saved[name](self, *a, **k)
+        return read
+
+    for name in HOST_READS:
+        setattr(torch.Tensor, name, recorder(name))
+    try:
+        yield seen
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def _count_asks(monkeypatch) -> list[str]:
+    """Counts the guard's any_rank calls (its collectives), by the Guard method that made them."""
+    import dpo_dist.reliability as reliability
+
+    asks, real = [], reliability.any_rank
+
+    def counted(flag):
+        asks.append(sys._getframe(1).f_code.co_name)
+        return real(flag)
+
+    monkeypatch.setattr(reliability, "any_rank", counted)
+    return asks
+
 def _guard(tmp_path, **kw):
     from dpo_dist.reliability import Guard
 
@@ -128,6 +170,96 @@ def test_guard_skip_is_taken_once_per_step_and_limited(tmp_path):
     assert not guard.take_skip()
     with pytest.raises(NonFiniteLoss, match=r"again after 2 skipped steps \(3, 5\).*train.max_nonfinite_skips"):
         guard.check_loss(nan, 7)
+
+
+@pytest.mark.parametrize("bad", [None, 0, 3])
+def test_guard_reads_the_host_and_asks_the_ranks_once_per_step(tmp_path, monkeypatch, bad):
+    import torch
+
+    from dpo_dist.reliability import NonFiniteLoss
+
+    asks = _count_asks(monkeypatch)
+    guard, _ = _guard(tmp_path)
+    losses = [torch.tensor(1.0 + i) for i in range(4)]  # the 4 micro-batches of one step; `bad` is NaN
+    if bad is not None:
+        losses[bad] = losses[bad] * math.nan
+    with host_reads() as reads:
+        for loss in losses[:3]:
+            guard.note_loss(loss)
+    assert reads == [] and asks == []  # nothing is read or agreed on before the step's last micro-batch
+    guard.note_loss(losses[3])
+    with host_reads() as reads:
+        if bad is None:
+            guard.check_step(1)
+        else:
+            with pytest.raises(NonFiniteLoss, match=r"sft step 1: non-finite loss \(nan\) on rank 0; stopped"):
+                guard.check_step(1)
+    assert asks == ["check_step"]
+    if bad is None:
+        assert len(reads) == 1  # one sync per step on the good path (with several ranks: after the all-reduce)
+    guard.end_step(1)
+    assert guard._losses == []
+
+
+def test_guard_refuses_a_step_whose_check_never_ran(tmp_path):
+    import torch
+
+    guard, _ = _guard(tmp_path)
+    guard.note_loss(torch.tensor(1.0))
+    with pytest.raises(RuntimeError, match="sft step 4: the non-finite loss check did not run before the optimizer"):
+        guard.end_step(4)
+
+
+def _advice(tmp_path, **kw) -> str:
+    import torch
+
+    from dpo_dist.reliability import NonFiniteLoss
+
+    guard, _ = _guard(tmp_path, **kw)
+    with pytest.raises(NonFiniteLoss) as err:
+        guard.check_loss(torch.tensor(float("nan")), 2)
+    return str(err.value)
+
+
+def test_nonfinite_advice_offers_bf16_only_where_the_gpu_has_it(tmp_path, monkeypatch):
+    import dpo_dist.reliability as reliability
+
+    with_bf16 = _advice(tmp_path, fp16=True, bf16_available=True)  # an A100 or H100 training in fp16
+    assert "fp16 overflow" in with_bf16 and "train in bf16 instead" in with_bf16 and "train.bf16: true" in with_bf16
+    volta = _advice(tmp_path, fp16=True, bf16_available=False)  # a V100: no native bf16
+    assert "bf16 instead" not in volta and "train.bf16" not in volta and "no native bf16, so stay in fp16" in volta
+    for advice in ("lower train.learning_rate", "train.warmup_steps", "train.max_grad_norm > 0", "broken one",
+                   "gradient scaler", "train.on_nonfinite_loss: skip"):
+        assert advice in volta, advice
+    fp32 = _advice(tmp_path, fp16=False)  # not fp16: no precision advice at all
+    assert "bf16" not in fp32 and "fp16" not in fp32 and "lower train.learning_rate" in fp32
+    deepspeed = _advice(tmp_path, fp16=True, bf16_available=False, skip_available=False)
+    assert "set train.on_nonfinite_loss: skip" not in deepspeed and "not available under DeepSpeed" in deepspeed
+    import torch
+
+    if not torch.cuda.is_available():
+        assert reliability.bf16_native() is False  # no GPU: nothing to switch to
+    # unset: the GPU is asked, only when a message is written
+    monkeypatch.setattr(reliability, "bf16_native", lambda: True)
+    assert "train in bf16 instead" in _advice(tmp_path, fp16=True)
+    monkeypatch.setattr(reliability, "bf16_native", lambda: False)
+    assert "no native bf16" in _advice(tmp_path, fp16=True)
+
+
+def test_nonfinite_weights_advice_follows_the_gpu_too(tmp_path):
+    import torch
+
+    from dpo_dist.reliability import NonFiniteWeights
+
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight[0, 0] = math.nan
+    for bf16, expected, absent in ((True, "train in bf16 instead", "stay in fp16"),
+                                   (False, "no native bf16, so stay in fp16", "bf16 instead")):
+        guard, _ = _guard(tmp_path, fp16=True, bf16_available=bf16)
+        with pytest.raises(NonFiniteWeights, match="trainable weights hold NaN/inf") as err:
+            guard.check_weights(model, 2, "checkpoint-2")
+        assert expected in str(err.value) and absent not in str(err.value)
 
 
 def test_write_failures_are_recognised_and_others_are_not(tmp_path):
@@ -232,6 +364,87 @@ def test_nan_loss_skip_drops_that_update_on_both_ranks(tiny_base, data, tmp_path
     assert adapter and all(t.isfinite().all() for t in adapter.values())
     logged = [m for m in losses(sft) if not math.isnan(m)]
     assert len(logged) == 6  # every step logged a finite loss (the Trainer logs the running mean for step 3)
+
+
+def _accumulating_run(tmp_path, tiny_base, data, monkeypatch, bad: int, **train):  # noqa: F811
+    """One process, micro-batch 1 × accumulation 4, 3 steps; only micro-batch `bad` (1..4) of step 2 has a NaN loss.
+    Returns (what it saw, the exception or None)."""
+    from accelerate import Accelerator
+
+    from dpo_dist.faults import Faults
+    from dpo_dist.profiles import Profile
+    from dpo_dist.recipe import load_recipe
+    from dpo_dist.reliability import GuardCallback
+    from dpo_dist.train import run_recipe
+
+    seen = {"asks": _count_asks(monkeypatch), "backwards": 0, "weights": {}, "model": None}
+    micro_batches = Counter()
+
+    def poison(self, loss, step):
+        micro_batches[step] += 1
+        return loss * math.nan if (step, micro_batches[step]) == (2, bad) else loss
+
+    def backward(accelerator, loss, **kwargs):
+        seen["backwards"] += 1
+        return real_backward(accelerator, loss, **kwargs)
+
+    def on_step_end(callback, args, state, control, model=None, **kwargs):
+        seen["model"] = model
+        seen["weights"][state.global_step] = {n: p.detach().clone() for n, p in model.named_parameters()
+                                              if p.requires_grad}
+        return real_step_end(callback, args, state, control, model=model, **kwargs)
+
+    real_backward, real_step_end = Accelerator.backward, GuardCallback.on_step_end
+    monkeypatch.setattr(Faults, "poison_loss", poison)
+    monkeypatch.setattr(Accelerator, "backward", backward)
+    monkeypatch.setattr(GuardCallback, "on_step_end", on_step_end)
+    recipe = load_recipe(sft_recipe(tmp_path, tiny_base, data, max_steps=3, save_steps=100, global_batch_size=4,
+                                    **train))
+    profile = Profile(name="test", device="cpu", micro_batch_size=1, precision="fp32", attn_implementation="sdpa")
+    err = None
+    try:
+        (result,) = run_recipe(recipe, profile, log=lambda *_: None)
+        seen["summary"] = result.summary
+    except Exception as caught:  # noqa: BLE001 (the caller checks it)
+        err = caught
+    assert micro_batches[1] == 4 and micro_batches[2] >= bad  # accumulation 4, and the fault was injected
+    return seen, err
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[n].equal(b[n]) for n in a)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("bad", [1, 4], ids=["first-micro-batch", "last-micro-batch"])
+def test_nan_in_one_micro_batch_stops_before_the_update_with_one_check_per_step(tiny_base, data, tmp_path,  # noqa: F811
+                                                                                monkeypatch, bad):
+    from dpo_dist.reliability import NonFiniteLoss
+
+    seen, err = _accumulating_run(tmp_path, tiny_base, data, monkeypatch, bad)
+    assert isinstance(err, NonFiniteLoss), err
+    assert re.search(r"sft step 2: non-finite loss \(nan\) on rank 0; stopped before the optimizer step", str(err))
+    assert "bf16" not in str(err) and "fp16" not in str(err)  # an fp32 run: no precision advice
+    assert seen["asks"] == ["check_step"] * 2  # one per step (steps 1 and 2), not one per micro-batch
+    # Decided before step 2's last backward (under DeepSpeed that backward applies the update), and nothing changed.
+    assert 4 <= seen["backwards"] < 8
+    assert list(seen["weights"]) == [1]
+    current = {n: p.detach() for n, p in seen["model"].named_parameters() if p.requires_grad}
+    assert _same(current, seen["weights"][1])
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("bad", [1, 4], ids=["first-micro-batch", "last-micro-batch"])
+def test_nan_in_one_micro_batch_skips_the_whole_step_with_one_check_per_step(tiny_base, data, tmp_path,  # noqa: F811
+                                                                             monkeypatch, bad):
+    seen, err = _accumulating_run(tmp_path, tiny_base, data, monkeypatch, bad, on_nonfinite_loss="skip")
+    assert err is None, err
+    assert seen["summary"]["nonfinite_skipped_steps"] == [2] and seen["summary"]["global_step"] == 3
+    assert seen["asks"].count("check_step") == 3 and set(seen["asks"]) <= {"check_step", "check_weights"}
+    weights = seen["weights"]
+    assert _same(weights[2], weights[1])  # step 2's update (all 4 micro-batches of it) was dropped
+    assert not _same(weights[3], weights[2])  # and step 3 trained
+    assert all(t.isfinite().all() for t in weights[3].values())
 
 
 @pytest.mark.e2e

@@ -7,8 +7,8 @@ import random
 import numpy as np
 import pytest
 
-from dpo_dist.data.grouping import (DEFAULT_WINDOW, GlobalBatchLengthSampler, attach, grouped_order,
-                                    padding_fraction, row_lengths)
+from dpo_dist.data.grouping import (DEFAULT_WINDOW, GlobalBatchLengthSampler, LengthGroupedTrainer, attach,
+                                    grouped_order, padding_fraction, row_lengths)
 from dpo_dist.recipe import TrainConfig, recipe_from_dict
 from dpo_dist.schema import ConfigError
 
@@ -135,6 +135,42 @@ def test_a_resumed_run_skips_to_the_same_rows_in_a_later_epoch(micro, world, acc
     assert resumed == uninterrupted[done:]
 
 
+# ---- the pad counter -------------------------------------------------------------------------------------------------
+
+
+def test_pad_count_stays_on_the_device_until_it_is_reported():
+    import types
+
+    import torch
+
+    from tests.test_faults import host_reads
+
+    class Base:
+        def training_step(self, model, inputs, *args, **kwargs):
+            return "stepped"
+
+    class Trainer(LengthGroupedTrainer, Base):
+        pass
+
+    trainer = Trainer()
+    trainer.accelerator = types.SimpleNamespace(device=torch.device("cpu"), num_processes=1)
+    assert trainer.pad_token_pct() is None  # no micro-batch yet
+    masks = [torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]), torch.tensor([[1] * 6, [1] + [0] * 5]),
+             torch.tensor([[True, True, False]]), torch.ones(3, 5, dtype=torch.long)]
+    with host_reads() as reads:  # a read on the host is a sync on a GPU: none per micro-batch
+        for mask in masks:
+            inputs = {"input_ids": torch.zeros_like(mask), "attention_mask": mask}
+            assert trainer.training_step(None, inputs) == "stepped"
+        trainer.training_step(None, {"input_ids": torch.zeros(1, 2)})  # no mask: not counted
+    assert reads == []
+    pad = sum(int((m == 0).sum()) for m in masks)
+    total = sum(m.numel() for m in masks)
+    assert (pad, total) == (9, 38)
+    with host_reads() as reads:
+        assert trainer.pad_token_pct() == round(100.0 * pad / total, 2) == 23.68
+    assert len(reads) == 1  # read once, when reported
+
+
 # ---- recipe keys ----------------------------------------------------------------------------------------------------
 
 
@@ -152,8 +188,9 @@ def test_recipe_keys_default_on_and_window_is_checked():
 
 
 @pytest.mark.e2e
-def test_training_with_grouping_pads_less_than_without(tiny_base, tmp_path):
+def test_training_with_grouping_pads_less_than_without(tiny_base, tmp_path, monkeypatch):
     from dpo_dist.profiles import Profile
+    from dpo_dist.reliability import GuardedTrainer
     from dpo_dist.train import run_recipe
     from tests.conftest import write_jsonl
 
@@ -166,8 +203,17 @@ def test_training_with_grouping_pads_less_than_without(tiny_base, tmp_path):
                      "rejected": "It is rude." + " It bites." * (words // 2)})
     data = write_jsonl(tmp_path / "dpo.jsonl", rows)
     profile = Profile(name="test", micro_batch_size=2, precision="fp32", attn_implementation="sdpa")
-    summaries = {}
+    summaries, counted = {}, {}
+
+    def training_step(self, model, inputs, *args, **kwargs):  # next after LengthGroupedTrainer: what it counted
+        mask = inputs["attention_mask"]
+        counted[grouped][0] += int((mask == 0).sum())
+        counted[grouped][1] += mask.numel()
+        return super(GuardedTrainer, self).training_step(model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(GuardedTrainer, "training_step", training_step, raising=False)
     for grouped in (True, False):
+        counted[grouped] = [0, 0]
         recipe = recipe_from_dict({
             "name": "t", "model": {"name_or_path": str(tiny_base), "template": "qwen"},
             "method": {"type": "lora", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
@@ -178,7 +224,9 @@ def test_training_with_grouping_pads_less_than_without(tiny_base, tmp_path):
         (result,) = run_recipe(recipe, profile, log=lambda *_: None, keep_trainer=True)
         assert (result.trainer._length_sampler is not None) == grouped  # transformers asked our mixin for the sampler
         summaries[grouped] = result.summary
-    for s in summaries.values():
+    for grouped, s in summaries.items():
         assert s["global_step"] == 4 and np.isfinite(s["train_loss"])
+        pad, total = counted[grouped]
+        assert total and s["pad_token_pct"] == round(100.0 * pad / total, 2)  # the micro-batches that were trained
     print(f"pad_token_pct: grouped {summaries[True]['pad_token_pct']}, random {summaries[False]['pad_token_pct']}")
     assert summaries[True]["pad_token_pct"] < 0.5 * summaries[False]["pad_token_pct"]

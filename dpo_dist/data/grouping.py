@@ -144,12 +144,15 @@ def padding_fraction(lengths, order, micro_batch_size: int, real=None) -> float:
 class LengthGroupedTrainer:
     """Mixin placed before TRL's trainer class: the train sampler is GlobalBatchLengthSampler when
     `length_grouping` is given (transformers 5 calls `_get_train_sampler(train_dataset)` from get_train_dataloader).
-    It also counts the pad tokens of every training micro-batch, for the run's summary."""
+    It also counts the pad tokens of every training micro-batch, for the run's summary: on the device the batch is on,
+    so counting never waits for the GPU; the count is read once, by pad_token_pct."""
 
     def __init__(self, *args, length_grouping: LengthGrouping | None = None, **kwargs):
         self.length_grouping = length_grouping
         self._length_sampler = None
-        self.token_counts = [0, 0]  # [pad tokens, all tokens] of this rank's training micro-batches
+        # This rank's training micro-batches: real (unmasked) tokens, a tensor on the batch's device; all tokens, an int
+        self._real_tokens = None
+        self._all_tokens = 0
         super().__init__(*args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
@@ -173,8 +176,9 @@ class LengthGroupedTrainer:
     def training_step(self, model, inputs, *args, **kwargs):
         mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
         if mask is not None:
-            self.token_counts[0] += int(mask.numel() - mask.sum())
-            self.token_counts[1] += int(mask.numel())
+            real = mask.sum()  # stays on the device: int() here would be a host sync on every micro-batch
+            self._real_tokens = real if self._real_tokens is None else self._real_tokens + real
+            self._all_tokens += mask.numel()
         return super().training_step(model, inputs, *args, **kwargs)
 
     def pad_token_pct(self) -> float | None:
@@ -182,7 +186,12 @@ class LengthGroupedTrainer:
         Collective: call on every rank."""
         import torch
 
-        counts = torch.tensor(self.token_counts, dtype=torch.float64, device=self.accelerator.device)
+        device = self.accelerator.device
+        total = torch.tensor(float(self._all_tokens), dtype=torch.float64, device=device)
+        real = (self._real_tokens.to(device=device, dtype=torch.float64) if self._real_tokens is not None
+                else torch.zeros_like(total))
+        counts = torch.stack([total - real, total])  # [pad tokens, all tokens]
         if self.accelerator.num_processes > 1:
             counts = self.accelerator.reduce(counts, reduction="sum")
-        return round(100.0 * counts[0].item() / counts[1].item(), 2) if counts[1].item() else None
+        pad, total = counts.tolist()
+        return round(100.0 * pad / total, 2) if total else None
