@@ -64,7 +64,8 @@ def resolve(profile: Profile, launch: Launch, deepspeed_arg: str | None = None) 
 
 
 def precision_notes(recipe: Recipe, profile: Profile) -> list[str]:
-    """One line per stage whose precision the profile changes (a profile's precision wins over the recipe's)."""
+    """One line per stage whose precision or optimizer the profile changes (the profile's wins over the recipe's:
+    both are how a run fits the hardware)."""
     out = []
     for stage in recipe.stages:
         own = stage.train.precision
@@ -72,6 +73,9 @@ def precision_notes(recipe: Recipe, profile: Profile) -> list[str]:
             given = {"fp16": "fp16: true", "bf16": "bf16: true"}.get(own, "no fp16/bf16 key, so fp32")
             out.append(f"[train] stages.{stage.name}: profile {profile.name} trains in {profile.precision}, not the "
                        f"recipe's {own} ({given})")
+        if profile.optim and profile.optim != stage.train.optim:
+            out.append(f"[train] stages.{stage.name}: profile {profile.name} steps with {profile.optim}, not the "
+                       f"recipe's train.optim {stage.train.optim}")
     return out
 
 

@@ -95,8 +95,6 @@ def test_dry_run_prints_the_launcher_command(name, capsys):
     target = ("configs/recipes/qwen2.5-72b-dpo-qlora.yaml" if "qlora" in p.methods
               else "configs/recipes/llama3.1-8b-sft-dpo-qlora.yaml")
     overrides = [] if "qlora" in p.methods else ["method.type=lora"]
-    if p.backend == "fsdp":  # the recipe's paged_adamw_32bit cannot step FSDP2's parameters (refused, tested below)
-        overrides.append("train.optim=adamw_torch_fused")
     assert cli.main(["launch", target, "--profile", name, "--dry-run", *overrides]) == 0
     cmd = shlex.split(capsys.readouterr().out.strip().splitlines()[-1])
     tool = Path(cmd[0]).name
@@ -286,7 +284,7 @@ def _fake_gpus(monkeypatch, count=1, bf16_native=True, name="NVIDIA H100"):
 def _gpu_check(recipe_args: list[str], profile_name: str, world: int = 1, backend_kind: str = "single"):
     from dpo_dist.recipe import load_recipe
 
-    recipe = load_recipe("configs/recipes/qwen2.5-7b-sft-dpo-qlora.yaml", recipe_args)  # qlora, paged_adamw_32bit
+    recipe = load_recipe("configs/recipes/qwen2.5-7b-sft-dpo-qlora.yaml", recipe_args)  # qlora
     profile = load_profile(profile_name)
     launch = Launch(world_size=world, rank=0, local_rank=0, accelerate_fsdp=backend_kind == "fsdp",
                     accelerate_deepspeed=False)
@@ -329,7 +327,7 @@ def test_bitsandbytes_optimizers_are_refused_under_fsdp_only(monkeypatch):
                                           r"optimizer.*adamw_torch_fused"):
         _gpu_check(["train.optim=paged_adamw_8bit"], "8xh100-fsdp-qlora", world=8, backend_kind="fsdp")
     _gpu_check(["train.optim=adamw_torch_fused"], "8xh100-fsdp-qlora", world=8, backend_kind="fsdp")
-    _gpu_check([], "8gpu-ddp-qlora", world=8, backend_kind="ddp")
+    _gpu_check(["train.optim=paged_adamw_32bit"], "8gpu-ddp-qlora", world=8, backend_kind="ddp")
 
 
 def test_the_bitsandbytes_optimizer_names_are_those_transformers_builds_from_bitsandbytes(tmp_path):
@@ -370,3 +368,14 @@ def test_zero_offload_without_a_way_to_build_cpu_adam_is_refused(monkeypatch):
         from dpo_dist.launch import preflight
 
         preflight(args[0], load_profile("8xh100-zero3-offload"), ["method.type=full"], 1, sources=False)
+
+
+def test_a_profile_that_changes_the_optimizer_says_so():
+    from dpo_dist.backends import precision_notes
+    from dpo_dist.recipe import load_recipe
+
+    recipe = load_recipe("configs/recipes/qwen2.5-7b-sft-dpo-qlora.yaml")
+    notes = precision_notes(recipe, load_profile("v100-qlora"))
+    assert ("[train] stages.sft: profile v100-qlora steps with paged_adamw_32bit, not the recipe's train.optim "
+            "adamw_torch") in notes
+    assert not [n for n in precision_notes(recipe, load_profile("1gpu-bf16")) if "steps with" in n]
