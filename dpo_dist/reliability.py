@@ -153,6 +153,7 @@ class Guard:
                 f"{lr}; keep gradient clipping on (train.max_grad_norm > 0); check this step's rows for a broken one. "
                 "fp16's gradient scaler skips a step whose gradients overflow by itself (and lowers its scale), but "
                 "a non-finite loss overflowed in the forward pass, before the scaler")
+
     def take_skip(self) -> bool:
         """True once per skipped step: the optimizer must not apply this step's gradients."""
         pending, self._skip_pending = self._skip_pending, False

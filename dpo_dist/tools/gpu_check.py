@@ -429,9 +429,10 @@ def step_nf4_fsdp2(args) -> dict:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
         def load():
-            return AutoModelForCausalLM.from_pretrained(base, dtype=dtype,
-                                                        quantization_config=quantization_config(precision),
-                                                        **kwargs).eval()
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype,
+                                                         quantization_config=quantization_config(precision), **kwargs)
+            model.eval()
+            return model
 
         ids = torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1)).to(device)
 
