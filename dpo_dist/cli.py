@@ -242,6 +242,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_JSON_STDOUT = None  # the real stdout while a command writes JSON there (see main)
+
+
+def json_stdout():
+    """Where a command writes its JSON when asked for it on stdout (`--json`, `--json -`): the real stdout, also while
+    main() sends everything else the command (or a library) prints to stderr."""
+    return _JSON_STDOUT or sys.stdout
+
+
+def _json_on_stdout(args) -> bool:
+    value = getattr(args, "json", None)
+    return value is True or value == "-"
+
+
+def _run_for_json(func, args) -> int:
+    """Run a command whose stdout must hold its JSON alone. Libraries print on import (DeepSpeed's logger binds
+    sys.stdout when it is created: "Setting accelerator to CPU"), so while the command runs stdout is stderr; the JSON
+    goes to json_stdout()."""
+    import contextlib
+
+    global _JSON_STDOUT
+    _JSON_STDOUT = sys.stdout
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            return func(args)
+    finally:
+        _JSON_STDOUT = None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -251,11 +280,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         args.overrides = list(args.overrides) + rest
     try:
-        return args.func(args)
+        return _run_for_json(args.func, args) if _json_on_stdout(args) else args.func(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m dpo_dist.cli`: run the module's importable copy, whose state (json_stdout) the commands import
+    from dpo_dist.cli import main as _main
+
+    sys.exit(_main())

@@ -471,7 +471,9 @@ def run(args) -> int:
               file=sys.stderr)
         return 2
     facts = collect(args.out, args.recipe, args.profile, args.overrides)
-    print(json.dumps(facts, indent=2) if args.json else render(facts), flush=True)
+    from dpo_dist.cli import json_stdout
+
+    print(json.dumps(facts, indent=2) if args.json else render(facts), file=json_stdout(), flush=True)
     if facts["preflight"] and not facts["preflight"]["ok"]:
         print(f"error: {facts['preflight']['error']}", file=sys.stderr)
         return 1

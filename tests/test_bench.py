@@ -19,12 +19,13 @@ RUN_KEYS = SIDE_KEYS | {"steps", "timed_steps", "timed_s", "pairs", "real_tokens
                         "trainer_class", "wall_s", "warmup_s"}
 
 
-def _bench(tmp: Path, *args: str) -> tuple[dict, str]:
+def _bench(tmp: Path, *args: str, stdout: bool = False) -> tuple[dict, str]:
+    """`stdout`: --json -, whose stdout must be the JSON alone (library import noise goes to stderr)."""
     out = tmp / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "dpo_dist.cli", "bench", *args, "--json", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "dpo_dist.cli", "bench", *args, "--json", "-" if stdout else str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return json.loads(out.read_text()), proc.stdout + proc.stderr
+    return json.loads(proc.stdout if stdout else out.read_text()), proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def realistic(tmp_path_factory):
 @pytest.fixture(scope="module")
 def uniform(tmp_path_factory):
     return _bench(tmp_path_factory.mktemp("bench-uniform"), "--workload", "dpo", "--lengths", "uniform", *TINY,
-                  "--no-logits")
+                  "--no-logits", stdout=True)
 
 
 def _positive(value) -> bool:

@@ -390,8 +390,10 @@ def run(args) -> int:
 def emit(report: dict, table: str, json_to: str | None) -> None:
     """The table on stdout (on stderr with --json -, when stdout holds the JSON), the JSON where asked."""
     if json_to == "-":
+        from dpo_dist.cli import json_stdout
+
         print(table, file=sys.stderr)
-        print(json.dumps(report, indent=1))
+        print(json.dumps(report, indent=1), file=json_stdout(), flush=True)
     else:
         print(table)
         if json_to:

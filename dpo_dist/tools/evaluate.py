@@ -344,8 +344,10 @@ def run(args) -> int:
     result = evaluate(args)
     text = json.dumps(result, indent=1)
     if args.json == "-":  # stdout is the JSON alone, so it can be piped; the table goes to stderr
+        from dpo_dist.cli import json_stdout
+
         print(table(result), file=sys.stderr)
-        print(text)
+        print(text, file=json_stdout(), flush=True)
         return 0
     print(table(result))
     if args.json:

@@ -295,7 +295,9 @@ def make_plan(args) -> dict:
 def run(args) -> int:
     result = make_plan(args)
     if args.json:
-        print(json.dumps(to_json(result), indent=2))
+        from dpo_dist.cli import json_stdout
+
+        print(json.dumps(to_json(result), indent=2), file=json_stdout(), flush=True)
     else:
         print(render(result))
     return 0 if result["plan"].fits else 1
