@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dpo_dist.profiles import Profile, profile_names, load_profile
 from dpo_dist.recipe import Recipe
-from dpo_dist.schema import ConfigError
+from dpo_dist.schema import ConfigError, error_line
 
 ZERO_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -178,12 +178,12 @@ def check_run(recipe: Recipe, profile: Profile, launch: Launch, backend: Backend
             raise ConfigError(f"{at}: flash_attention_2 needs fp16 or bf16, but {where} trains in fp32; use "
                               "attn_implementation: sdpa or a half-precision profile")
         if cuda and profile.attn_implementation == "flash_attention_2":
-            from dpo_dist.models import flash_attn_status
+            from dpo_dist.models import pick_attn_implementation
 
-            usable, why = flash_attn_status(cuda)
-            if not usable:
-                raise ConfigError(f"{where}: attn_implementation flash_attention_2 cannot run here: {why}; use sdpa "
-                                  "or auto (which picks flash-attention only where it runs)")
+            try:  # the refusal model loading would make, made here before any weights load
+                pick_attn_implementation("flash_attention_2", precision, cuda)
+            except ConfigError as err:
+                raise ConfigError(f"{where}: {err}") from None
         if cuda and precision == "bf16" and not bf16_native():
             name = torch.cuda.get_device_name()
             raise ConfigError(f"{at}: {where} trains in bf16, but this GPU ({name}) has no native bf16 (torch "
@@ -272,7 +272,7 @@ def cpu_adam_facts() -> dict:
         builder = CPUAdamBuilder()
         compatible = builder.is_compatible(verbose=False)
     except Exception as err:
-        return {**out, "detail": f"deepspeed's op builder fails: {type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"}
+        return {**out, "detail": f"deepspeed's op builder fails: {error_line(err)}"}
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     out.update(compiler=compiler, ninja=is_ninja_available())
     if installed_ops.get(builder.name):
@@ -364,8 +364,6 @@ def init_fsdp_state(backend: Backend, mixed_precision: str, cuda: bool | None = 
 
 def trainer_overrides(profile: Profile, backend: Backend, checkpointing: bool, peft: bool) -> dict:
     """TrainingArguments keys that depend on the backend, not on the recipe."""
-    import torch
-
     out: dict = {"use_cpu": not on_cuda(profile),  # CPU ranks (a CPU profile even beside a GPU): accelerate picks gloo
                  "ddp_timeout": profile.collective_timeout_s}
     if backend.deepspeed_file is not None:

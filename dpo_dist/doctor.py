@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dpo_dist.schema import error_line
+
 SHOWN = ("torch", "transformers", "trl", "peft", "accelerate", "deepspeed", "bitsandbytes", "flash-attn")
 GIB = 1024 ** 3
 
@@ -264,9 +266,10 @@ def bnb_4bit_check() -> dict:
     """Quantize a tiny weight to NF4 and run the 4-bit matmul QLoRA's layers use, on this machine's device."""
     import torch
 
+    from dpo_dist.backends import bf16_native
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cuda_bf16 = device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-    dtype = torch.bfloat16 if device == "cpu" or cuda_bf16 else torch.float16
+    dtype = torch.bfloat16 if device == "cpu" or bf16_native() else torch.float16
     result = {"ran": False, "ok": False, "device": device, "dtype": str(dtype).removeprefix("torch."),
               "weight_error_pct": None, "matmul_error_pct": None}
     try:
@@ -291,7 +294,7 @@ def bnb_4bit_check() -> dict:
         result["detail"] = (f"NF4 quantize + 4-bit matmul ran on {device} in {result['dtype']}: weight error "
                             f"{result['weight_error_pct']}%, matmul vs dequantized {result['matmul_error_pct']}%")
     except Exception as err:  # a bitsandbytes without a backend for this device fails at import or at the first call
-        result["detail"] = f"{type(err).__name__}: {_first_line(err)}"
+        result["detail"] = error_line(err)
     return result
 
 
@@ -324,11 +327,6 @@ def _disk(path: Path) -> dict:
     while not probe.exists() and probe != probe.parent:  # a directory a run would create: its first existing parent
         probe = probe.parent
     return {"path": str(path), "free_gib": round(shutil.disk_usage(probe).free / GIB, 1)}
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else ""
 
 
 # ---- the report --------------------------------------------------------------------------------------------------

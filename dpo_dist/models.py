@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from dpo_dist.recipe import MethodConfig, ModelConfig
-from dpo_dist.schema import ConfigError
+from dpo_dist.schema import ConfigError, error_line
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def _probe_flash(cuda: bool) -> tuple[bool, str]:
     try:
         from flash_attn import flash_attn_func
     except Exception as err:  # an ABI mismatch raises ImportError or OSError, a broken build anything
-        return False, f"flash-attn is installed but does not import: {type(err).__name__}: {_first_line(err)}"
+        return False, f"flash-attn is installed but does not import: {error_line(err)}"
     try:
         from dpo_dist.backends import bf16_native
 
@@ -80,15 +80,10 @@ def _probe_flash(cuda: bool) -> tuple[bool, str]:
         if not bool(torch.isfinite(out).all()):
             return False, "flash-attn's test forward returned non-finite values"
     except Exception as err:
-        return False, f"flash-attn imports but its kernel fails on this GPU: {type(err).__name__}: {_first_line(err)}"
+        return False, f"flash-attn imports but its kernel fails on this GPU: {error_line(err)}"
     import flash_attn
 
     return True, f"flash-attn {getattr(flash_attn, '__version__', '?')} runs on this GPU"
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else ""
 
 
 def pick_attn_implementation(requested: str = "auto", precision: str = "fp32", cuda: bool | None = None) -> str:

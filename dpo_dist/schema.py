@@ -20,6 +20,12 @@ class ConfigError(ValueError):
     """A config file or override is invalid. The message names the file and the key."""
 
 
+def error_line(err: BaseException, limit: int = 200) -> str:
+    """`Type: first line of the message` (cut at `limit`): how a one-line verdict quotes an exception."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:limit] if text else ''}"
+
+
 def closest(name: str, options: typing.Iterable[str]) -> str | None:
     match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
     return match[0] if match else None

@@ -108,13 +108,6 @@ def _device(args) -> str:
     return args.device
 
 
-def bf16_native() -> bool:
-    """The GPU computes bf16 itself (Ampere and newer); a V100 only emulates it, and dpo-dist refuses bf16 there."""
-    from dpo_dist.backends import bf16_native as native
-
-    return native()
-
-
 def _profile_precision(profile: str) -> str | None:
     from dpo_dist.profiles import load_profile
 
@@ -122,6 +115,8 @@ def _profile_precision(profile: str) -> str | None:
 
 
 def _skip_without_bf16(profile: str) -> dict | None:
+    from dpo_dist.backends import bf16_native
+
     if _profile_precision(profile) == "bf16" and not bf16_native():
         return {"status": "skip", "summary": f"{profile} trains in bf16, which this GPU does not compute natively "
                                              "(dpo-dist refuses it there)", "details": {"profile": profile}}
@@ -326,6 +321,7 @@ def step_compact_head(args) -> dict:
     The upstream gradient is N(0, 1) per token (a scaled loss), so fp16 logit gradients are not all underflow."""
     import torch
 
+    from dpo_dist.backends import bf16_native
     from dpo_dist.stages.logps import completion_logps
 
     device = _device(args)
@@ -412,6 +408,7 @@ def step_nf4_fsdp2(args) -> dict:
     from torch.distributed.tensor import DTensor
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    from dpo_dist.backends import bf16_native
     from dpo_dist.models import quantization_config
 
     device = _device(args)
@@ -800,6 +797,8 @@ def bench_command(bin_dir: Path, json_out: Path, work_dir: Path, profile: str = 
 
 
 def step_bench(args) -> dict:
+    from dpo_dist.backends import bf16_native
+
     work = Path(args.work)
     json_out = work / "bench" / "bench.json"
     json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -865,7 +864,7 @@ def plan(args) -> int:
 
 
 def _check_files(recipe: Path) -> list[str]:
-    from dpo_dist.profiles import LAUNCH_DIR, load_profile
+    from dpo_dist.profiles import load_profile
     from dpo_dist.schema import ConfigError
 
     missing = []
