@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The first-GPU-run check: nine steps on one GPU (H100/H200 or V100), each under its own timeout, the timeouts summing
-# to under 9 minutes; one JSON and one markdown report. The steps are dpo_dist/tools/gpu_check.py's plan.
+# to under 9 minutes; one JSON and one markdown report. The steps are dpo_dist/bench/gpu_check.py's plan.
 #
 #   scripts/gpu-check.sh [--out DIR] [--skip STEP,STEP] [--python PY] [--recipe FILE]
 #   scripts/gpu-check.sh --dry-run        # CPU (CI): check that everything the plan uses exists, print the plan
@@ -50,8 +50,8 @@ if [ "$DRY" = 1 ]; then
       [ -x "$BIN/$tool" ] || missing+=("launcher: $BIN/$tool (beside $PY)")
     done
     for sub in $SUBCOMMANDS; do
-      "$PY" -m dpo_dist.tools.gpu_check "$sub" --help >/dev/null 2>&1 \
-        || missing+=("module: $PY -m dpo_dist.tools.gpu_check $sub --help fails")
+      "$PY" -m dpo_dist.bench.gpu_check "$sub" --help >/dev/null 2>&1 \
+        || missing+=("module: $PY -m dpo_dist.bench.gpu_check $sub --help fails")
     done
   fi
   command -v timeout >/dev/null 2>&1 || missing+=("command: timeout (coreutils)")
@@ -60,7 +60,7 @@ if [ "$DRY" = 1 ]; then
   fi
   plan_rc=1
   if [ -x "$PY" ]; then
-    "$PY" -m dpo_dist.tools.gpu_check plan --out "$OUT" --python "$PY" --recipe "$RECIPE"
+    "$PY" -m dpo_dist.bench.gpu_check plan --out "$OUT" --python "$PY" --recipe "$RECIPE"
     plan_rc=$?
   fi
   if [ ${#missing[@]} -gt 0 ]; then
@@ -93,7 +93,7 @@ fi
 mkdir -p "$OUT/steps" "$OUT/logs" "$OUT/work"
 OUT=$(cd "$OUT" && pwd)
 rm -f "$OUT"/steps/*.json "$OUT"/steps/*.exit
-PLAN=$("$PY" -m dpo_dist.tools.gpu_check plan --shell --out "$OUT" --python "$PY" --recipe "$RECIPE") || {
+PLAN=$("$PY" -m dpo_dist.bench.gpu_check plan --shell --out "$OUT" --python "$PY" --recipe "$RECIPE") || {
   echo "gpu-check: cannot build the plan; run scripts/gpu-check.sh --dry-run" >&2; exit 2; }
 total=$(printf '%s\n' "$PLAN" | wc -l)
 i=0
@@ -117,4 +117,4 @@ while IFS=$'\t' read -r name limit cmd; do
   echo "[gpu-check]   rc $rc, ${seconds} s ${note:+: ${note#\[gpu-check\] }}"
 done <<< "$PLAN"
 echo "[gpu-check] all steps done in $(( $(date +%s) - started )) s"
-"$PY" -m dpo_dist.tools.gpu_check report --out "$OUT"
+"$PY" -m dpo_dist.bench.gpu_check report --out "$OUT"

@@ -13,10 +13,10 @@ import torch
 
 def main() -> None:
     recipe_path, profile_name, out, *overrides = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    from dpo_dist.backends import Launch, check_run, resolve
-    from dpo_dist.profiles import load_profile
-    from dpo_dist.recipe import load_recipe
-    from dpo_dist.train import run_recipe
+    from dpo_dist.distributed.backends import Launch, check_run, resolve
+    from dpo_dist.config.profiles import load_profile
+    from dpo_dist.config.recipe import load_recipe
+    from dpo_dist.training.run import run_recipe
 
     recipe, profile = load_recipe(recipe_path, overrides), load_profile(profile_name)
     launch = Launch.from_env()

@@ -44,7 +44,7 @@ def adapter(chat_base, tmp_path_factory) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dpo_dist.templates import get_template
+    from dpo_dist.data.templates import get_template
 
     out = tmp_path_factory.mktemp("chat") / "adapter"
     torch.manual_seed(1)
@@ -138,7 +138,7 @@ def test_generation_stops_at_the_end_of_turn_token(chat_base):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dpo_dist.data.render import Renderer
-    from dpo_dist.evaluation import generate
+    from dpo_dist.inference.scoring import generate
 
     model = AutoModelForCausalLM.from_pretrained(chat_base)
     tokenizer = AutoTokenizer.from_pretrained(chat_base)
@@ -218,8 +218,8 @@ def test_a_long_conversation_drops_its_oldest_turns_but_keeps_the_system_prompt(
     from transformers import AutoTokenizer
 
     from dpo_dist.data.render import Renderer
-    from dpo_dist.tools.chat import fit_window
-    from dpo_dist.tools.chat_model import Loaded
+    from dpo_dist.commands.chat import fit_window
+    from dpo_dist.inference.loader import Loaded
 
     tokenizer = AutoTokenizer.from_pretrained(chat_base)
     history = [{"role": "system", "content": "Be brief."}]

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from dpo_dist.profiles import Profile
-from dpo_dist.recipe import ConfigError, TrainConfig, recipe_from_dict
+from dpo_dist.config.profiles import Profile
+from dpo_dist.config.recipe import ConfigError, TrainConfig, recipe_from_dict
 from tests.conftest import write_jsonl
 
 pytestmark = pytest.mark.e2e
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.e2e
 def test_compiled_dpo_run_matches_eager(tiny_base, tmp_path):
     import torch._dynamo
 
-    from dpo_dist.train import run_recipe
+    from dpo_dist.training.run import run_recipe
 
     data = write_jsonl(tmp_path / "dpo.jsonl", [
         {"prompt": f"Describe the owl {i}." + " And the fox." * (i % 3), "chosen": "It is calm." * (1 + i % 2),

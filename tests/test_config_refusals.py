@@ -11,7 +11,8 @@ import copy
 import pytest
 import yaml
 
-from dpo_dist import cli, train
+from dpo_dist import cli
+from dpo_dist.training import run as train
 from tests.conftest import write_jsonl
 
 SFT_ROW = {"conversation": [{"human": "Hi", "assistant": "Hello there."}]}
@@ -47,7 +48,7 @@ def _set(path: str, value):
 def _profile(**changes):
     """A profile file: cpu-fsdp-2 with `changes` (None removes a key)."""
     def write(tmp_path):
-        from dpo_dist.profiles import LAUNCH_DIR
+        from dpo_dist.config.profiles import LAUNCH_DIR
 
         data = yaml.safe_load((LAUNCH_DIR / "cpu-fsdp-2.yaml").read_text())
         for key, value in changes.items():
@@ -161,13 +162,13 @@ def no_loading(monkeypatch):
     def fail(*args, **kwargs):
         pytest.fail("weights, tokenizer or training were reached: the bad config was not refused up front")
 
-    import dpo_dist.launch
-    import dpo_dist.models
+    import dpo_dist.launch.command
+    import dpo_dist.models.loading
 
-    monkeypatch.setattr(dpo_dist.models, "load_model", fail)
-    monkeypatch.setattr(dpo_dist.models, "load_tokenizer", fail)
+    monkeypatch.setattr(dpo_dist.models.loading, "load_model", fail)
+    monkeypatch.setattr(dpo_dist.models.loading, "load_tokenizer", fail)
     monkeypatch.setattr(train, "run_recipe", fail)
-    monkeypatch.setattr(dpo_dist.launch, "_run", fail)
+    monkeypatch.setattr(dpo_dist.launch.command, "_run", fail)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

@@ -21,7 +21,7 @@ import dpo_dist.data.tokenize as tk
 from dpo_dist.data import cache
 from dpo_dist.data.formats import DataError, RowStream
 from dpo_dist.data.render import Renderer
-from dpo_dist.templates import ChatTemplate, get_template, template_names
+from dpo_dist.data.templates import ChatTemplate, get_template, template_names
 from tests.conftest import write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -370,7 +370,7 @@ def test_a_json_array_streams_item_by_item_across_chunks(tmp_path, monkeypatch):
 
 
 def test_validate_says_which_rows_training_leaves_out(tokenizer, tmp_path):
-    from dpo_dist.validate import LengthLimits, check_data
+    from dpo_dist.commands.validate import LengthLimits, check_data
 
     rows = [{"conversation": [{"human": "q " * n, "assistant": "a " * 30}]} for n in (1, 60)]
     src = write_jsonl(tmp_path / "sft.jsonl", rows)

@@ -28,9 +28,9 @@ import pytest
 import torch
 import yaml
 
-from dpo_dist.parity import rel_diff, weights_diff
-from dpo_dist.stages import ref_cache
-from dpo_dist.stages.common import read_metrics
+from dpo_dist.launch.parity import rel_diff, weights_diff
+from dpo_dist.training.dpo import ref_cache
+from dpo_dist.training.common import read_metrics
 from tests.conftest import write_jsonl
 
 pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
@@ -324,7 +324,7 @@ def test_ref_logps_cache_filled_under_sharding_matches_the_inline_reference(prof
 def test_tokenizing_longer_than_the_collective_timeout_does_not_fail_the_run(tiny_base, tmp_path):
     """One rank tokenizes; the other waits on the cache entry, not in a collective, so a 5 s collective timeout
     does not end a run whose data takes longer than that to tokenize."""
-    from dpo_dist.tools.bench_prepare import write_file
+    from dpo_dist.bench.prepare import write_file
 
     profile = yaml.safe_load((ROOT / "launch" / "cpu-ddp-2.yaml").read_text())
     profile_path = tmp_path / "cpu-ddp-2-timeout-5s.yaml"
@@ -365,7 +365,7 @@ def test_the_bitsandbytes_refusal_is_still_needed(tmp_path):
     # Why the refusal above exists, on a real 1-rank FSDP2 group over gloo: bitsandbytes' optimizer cannot step
     # DTensor parameters. When a bitsandbytes release can, this fails: lift the refusal (BITSANDBYTES_OPTIMIZERS).
     out = tmp_path / "bnb.json"
-    run([BIN / "torchrun", "--nproc_per_node=1", "--master_port=29620", "-m", "dpo_dist.tools.gpu_check",
+    run([BIN / "torchrun", "--nproc_per_node=1", "--master_port=29620", "-m", "dpo_dist.bench.gpu_check",
          "bnb-fsdp2", "--device", "cpu", "--out", out])
     result = json.loads(out.read_text())
     assert result["verdict"] == "refusal still needed", result

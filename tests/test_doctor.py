@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dpo_dist.doctor import GPU, Machine, check_package, preflight_verdict, profile_verdict, torch_has_arch
-from dpo_dist.profiles import load_profile, profile_names
+from dpo_dist.commands.doctor import GPU, Machine, check_package, preflight_verdict, profile_verdict, torch_has_arch
+from dpo_dist.config.profiles import load_profile, profile_names
 
 ROOT = Path(__file__).resolve().parent.parent
 DPO_DIST = Path(sys.executable).parent / "dpo-dist"  # the installed console script of this venv
@@ -232,7 +232,7 @@ def test_cuda_facts_of_a_mixed_gpu_box(monkeypatch):
 
     import torch
 
-    from dpo_dist import doctor
+    from dpo_dist.commands import doctor
 
     props = [("NVIDIA H100 80GB HBM3", 9, 0), ("Tesla V100-SXM2-32GB", 7, 0)]
     current = [0]
@@ -271,7 +271,7 @@ def test_cuda_facts_of_a_mixed_gpu_box(monkeypatch):
 
 
 def test_missing_here_names_what_each_gap_rules_out():
-    from dpo_dist.doctor import missing_here
+    from dpo_dist.commands.doctor import missing_here
 
     ok = {"ok": True, "detail": ""}
     facts = {"packages": {"deepspeed": {"version": None, "tested": "<0.20,>=0.19", "status": "missing"},

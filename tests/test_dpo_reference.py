@@ -9,10 +9,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo_dist.data.render import Renderer
 from dpo_dist.data.tokenize import prepare_dataset
-from dpo_dist.models import load_model, lora_config
-from dpo_dist.profiles import Profile
-from dpo_dist.recipe import DataConfig, MethodConfig, ModelConfig, StageConfig, TrainConfig
-from dpo_dist.stages.dpo import build_dpo_trainer, dpo_args
+from dpo_dist.models.loading import load_model, lora_config
+from dpo_dist.config.profiles import Profile
+from dpo_dist.config.recipe import DataConfig, MethodConfig, ModelConfig, StageConfig, TrainConfig
+from dpo_dist.training.dpo.trainer import build_dpo_trainer, dpo_args
 from tests.conftest import write_jsonl
 
 pytestmark = pytest.mark.e2e

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpo_dist.profiles import Profile
-from dpo_dist.recipe import recipe_from_dict
-from dpo_dist.stages.common import read_metrics
-from dpo_dist.train import run_recipe
+from dpo_dist.config.profiles import Profile
+from dpo_dist.config.recipe import recipe_from_dict
+from dpo_dist.training.common import read_metrics
+from dpo_dist.training.run import run_recipe
 from tests.conftest import write_jsonl
 
 pytestmark = pytest.mark.e2e
@@ -103,15 +103,15 @@ def test_dpo_trains_and_logs_preference_metrics(tiny_base, tmp_path, data, metho
     assert math.isclose(first["loss"], math.log(2), abs_tol=1e-6)
     assert metrics[-1]["rewards/margins"] > 0  # it learned the preference
     adapter = load_file(result.output / "adapter_model.safetensors")
-    # trl stores QLoRA adapters in bf16; dpo_dist.models.cast_trainable keeps them at the fp32 precision.
+    # trl stores QLoRA adapters in bf16; dpo_dist.models.loading.cast_trainable keeps them at the fp32 precision.
     assert adapter and all(t.dtype == torch.float32 for t in adapter.values())
 
 
 def test_qlora_loads_nf4_with_double_quant_and_storage_at_model_dtype(tiny_base):
     import bitsandbytes as bnb
 
-    from dpo_dist.models import load_model
-    from dpo_dist.recipe import ModelConfig
+    from dpo_dist.models.loading import load_model
+    from dpo_dist.config.recipe import ModelConfig
 
     model = load_model(ModelConfig(name_or_path=str(tiny_base)), "qlora", "fp32", "sdpa")
     q = model.config.quantization_config
@@ -123,9 +123,9 @@ def test_qlora_loads_nf4_with_double_quant_and_storage_at_model_dtype(tiny_base)
     # The summary counts bitsandbytes' layers once, not again for the LoRA wrappers that share their class name.
     from peft import get_peft_model
 
-    from dpo_dist.models import lora_config
-    from dpo_dist.recipe import MethodConfig
-    from dpo_dist.stages.common import model_facts
+    from dpo_dist.models.loading import lora_config
+    from dpo_dist.config.recipe import MethodConfig
+    from dpo_dist.training.common import model_facts
 
     wrapped = get_peft_model(model, lora_config(MethodConfig(type="qlora")))
     assert model_facts(wrapped)["linear4bit_modules"] == len(layers)
@@ -143,7 +143,7 @@ def test_simpo_loss_is_reference_free_and_trains(tiny_base, tmp_path, data):
 
 def test_chained_sft_then_dpo_starts_from_the_merged_sft_model(tiny_base, tmp_path, data, monkeypatch):
     import dpo_dist.data.tokenize as tk
-    from dpo_dist.prepare import prepare_recipe
+    from dpo_dist.training.prepare import prepare_recipe
 
     recipe = make_recipe(tiny_base, tmp_path / "run", ["sft", "dpo"], data)
     assert prepare_recipe(recipe, log=lambda *_: None) == 0  # `dpo-dist prepare`: the tokenizer only

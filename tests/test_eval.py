@@ -193,7 +193,7 @@ def test_table_on_stdout_and_json_file_hold_the_same_numbers(capsys, tiny_base, 
 def test_tokenizer_and_template_come_from_the_adapter_directory(capsys, tiny_base, adapters, pairs, tmp_path):
     import shutil
 
-    from dpo_dist.templates import get_template
+    from dpo_dist.data.templates import get_template
 
     trained = shutil.copytree(adapters["random"], tmp_path / "trained")
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)

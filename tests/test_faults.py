@@ -1,4 +1,4 @@
-"""Fault injection (dpo_dist.faults) on real runs: a crash or a full disk while saving, a non-finite loss, NaN
+"""Fault injection (dpo_dist.reliability.faults) on real runs: a crash or a full disk while saving, a non-finite loss, NaN
 weights and a hung rank. Each case checks what the run says, what is left on disk, and that a resume is exact.
 (A killed rank: tests/test_distributed.py; SIGTERM/SIGUSR1: tests/test_preemption.py.)
 
@@ -26,10 +26,10 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from dpo_dist.checkpoints import COMPLETE, STAGING, commit_checkpoint, latest_complete
-from dpo_dist.faults import Faults, parse_faults
-from dpo_dist.parity import rel_diff, weights_diff
-from dpo_dist.profiles import LAUNCH_DIR
+from dpo_dist.reliability.checkpoints import COMPLETE, STAGING, commit_checkpoint, latest_complete
+from dpo_dist.reliability.faults import Faults, parse_faults
+from dpo_dist.launch.parity import rel_diff, weights_diff
+from dpo_dist.config.profiles import LAUNCH_DIR
 from tests.test_distributed import BIN, data, losses, run, write_recipe  # noqa: F401  (data is a fixture)
 from tests.test_preemption import steps
 
@@ -124,7 +124,7 @@ def host_reads():
 
 def _count_asks(monkeypatch) -> list[str]:
     """Counts the guard's any_rank calls (its collectives), by the Guard method that made them."""
-    import dpo_dist.reliability as reliability
+    import dpo_dist.reliability.guard as reliability
 
     asks, real = [], reliability.any_rank
 
@@ -136,7 +136,7 @@ def _count_asks(monkeypatch) -> list[str]:
     return asks
 
 def _guard(tmp_path, **kw):
-    from dpo_dist.reliability import Guard
+    from dpo_dist.reliability.guard import Guard
 
     said = []
     return Guard("sft", tmp_path, log=said.append, **kw), said
@@ -145,7 +145,7 @@ def _guard(tmp_path, **kw):
 def test_guard_stop_names_step_and_last_good_checkpoint(tmp_path):
     import torch
 
-    from dpo_dist.reliability import NonFiniteLoss
+    from dpo_dist.reliability.guard import NonFiniteLoss
 
     guard, _ = _guard(tmp_path)
     guard.check_loss(torch.tensor(1.5), 1)  # finite: nothing happens
@@ -157,7 +157,7 @@ def test_guard_stop_names_step_and_last_good_checkpoint(tmp_path):
 def test_guard_skip_is_taken_once_per_step_and_limited(tmp_path):
     import torch
 
-    from dpo_dist.reliability import NonFiniteLoss
+    from dpo_dist.reliability.guard import NonFiniteLoss
 
     guard, said = _guard(tmp_path, on_nonfinite_loss="skip", max_nonfinite_skips=2)
     nan = torch.tensor(float("nan"))
@@ -176,7 +176,7 @@ def test_guard_skip_is_taken_once_per_step_and_limited(tmp_path):
 def test_guard_reads_the_host_and_asks_the_ranks_once_per_step(tmp_path, monkeypatch, bad):
     import torch
 
-    from dpo_dist.reliability import NonFiniteLoss
+    from dpo_dist.reliability.guard import NonFiniteLoss
 
     asks = _count_asks(monkeypatch)
     guard, _ = _guard(tmp_path)
@@ -213,7 +213,7 @@ def test_guard_refuses_a_step_whose_check_never_ran(tmp_path):
 def _advice(tmp_path, **kw) -> str:
     import torch
 
-    from dpo_dist.reliability import NonFiniteLoss
+    from dpo_dist.reliability.guard import NonFiniteLoss
 
     guard, _ = _guard(tmp_path, **kw)
     with pytest.raises(NonFiniteLoss) as err:
@@ -222,7 +222,7 @@ def _advice(tmp_path, **kw) -> str:
 
 
 def test_nonfinite_advice_offers_bf16_only_where_the_gpu_has_it(tmp_path, monkeypatch):
-    import dpo_dist.reliability as reliability
+    import dpo_dist.reliability.guard as reliability
 
     with_bf16 = _advice(tmp_path, fp16=True, bf16_available=True)  # an A100 or H100 training in fp16
     assert "fp16 overflow" in with_bf16 and "train in bf16 instead" in with_bf16 and "train.bf16: true" in with_bf16
@@ -249,7 +249,7 @@ def test_nonfinite_advice_offers_bf16_only_where_the_gpu_has_it(tmp_path, monkey
 def test_nonfinite_weights_advice_follows_the_gpu_too(tmp_path):
     import torch
 
-    from dpo_dist.reliability import NonFiniteWeights
+    from dpo_dist.reliability.guard import NonFiniteWeights
 
     model = torch.nn.Linear(2, 2)
     with torch.no_grad():
@@ -267,7 +267,7 @@ def test_write_failures_are_recognised_and_others_are_not(tmp_path):
 
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from dpo_dist.reliability import is_write_failure
+    from dpo_dist.reliability.guard import is_write_failure
 
     torch_write = RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0: file write failed")
     assert is_write_failure(OSError(errno_.ENOSPC, "No space left on device"))
@@ -371,11 +371,11 @@ def _accumulating_run(tmp_path, tiny_base, data, monkeypatch, bad: int, **train)
     Returns (what it saw, the exception or None)."""
     from accelerate import Accelerator
 
-    from dpo_dist.faults import Faults
-    from dpo_dist.profiles import Profile
-    from dpo_dist.recipe import load_recipe
-    from dpo_dist.reliability import GuardCallback
-    from dpo_dist.train import run_recipe
+    from dpo_dist.reliability.faults import Faults
+    from dpo_dist.config.profiles import Profile
+    from dpo_dist.config.recipe import load_recipe
+    from dpo_dist.reliability.guard import GuardCallback
+    from dpo_dist.training.run import run_recipe
 
     seen = {"asks": _count_asks(monkeypatch), "backwards": 0, "weights": {}, "model": None}
     micro_batches = Counter()
@@ -419,7 +419,7 @@ def _same(a: dict, b: dict) -> bool:
 @pytest.mark.parametrize("bad", [1, 4], ids=["first-micro-batch", "last-micro-batch"])
 def test_nan_in_one_micro_batch_stops_before_the_update_with_one_check_per_step(tiny_base, data, tmp_path,  # noqa: F811
                                                                                 monkeypatch, bad):
-    from dpo_dist.reliability import NonFiniteLoss
+    from dpo_dist.reliability.guard import NonFiniteLoss
 
     seen, err = _accumulating_run(tmp_path, tiny_base, data, monkeypatch, bad)
     assert isinstance(err, NonFiniteLoss), err

@@ -1,4 +1,4 @@
-"""scripts/gpu-check.sh and dpo_dist.tools.gpu_check on the CPU: the dry run (and what it names when something is
+"""scripts/gpu-check.sh and dpo_dist.bench.gpu_check on the CPU: the dry run (and what it names when something is
 missing), the no-GPU refusal, the CPU modes of the compact-head and NF4 steps (really run), and the report."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dpo_dist.tools import gpu_check
+from dpo_dist.bench import gpu_check
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu-check.sh"
@@ -23,7 +23,7 @@ def _script(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
 
 
 def _module(*args) -> list[str]:
-    return [PY, "-m", "dpo_dist.tools.gpu_check", *args]
+    return [PY, "-m", "dpo_dist.bench.gpu_check", *args]
 
 
 def test_dry_run_checks_everything_and_prints_the_plan(tmp_path):
@@ -91,7 +91,7 @@ def test_cpu_modes_of_the_compact_head_and_nf4_steps_run_and_pass(tmp_path, monk
     # NF4 on a real 1-rank gloo group started by torchrun, while the compact head runs here (both mostly import).
     nf4_out = tmp_path / "nf4.json"
     nf4 = subprocess.Popen([str(Path(PY).parent / "torchrun"), "--nproc_per_node=1", "--nnodes=1",
-                            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "dpo_dist.tools.gpu_check",
+                            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "dpo_dist.bench.gpu_check",
                             "nf4-fsdp2", "--device", "cpu", "--out", str(nf4_out), "--work", str(tmp_path / "work")],
                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
@@ -110,7 +110,7 @@ def test_cpu_modes_of_the_compact_head_and_nf4_steps_run_and_pass(tmp_path, monk
         assert fp32["logps"]["max_abs_err"] < 1e-4 < bf16["logps"]["max_abs_err"]  # the dtype really changed
 
         # ... and the step can fail: log-probs 0.1% too large are far outside fp32's tolerance.
-        import dpo_dist.stages.logps as logps
+        import dpo_dist.training.dpo.logps as logps
 
         original = logps.completion_logps
 
@@ -140,12 +140,12 @@ def test_memory_hook_wraps_the_model_loader_only_when_asked(tmp_path):
     (hook / "sitecustomize.py").write_text(gpu_check.HOOK)
     env = {**os.environ, "PYTHONPATH": f"{hook}{os.pathsep}{ROOT}"}
     env.pop(gpu_check.MEMLOG_ENV, None)
-    code = "import dpo_dist.models as m; print(m.load_model.__qualname__)"
+    code = "import dpo_dist.models.loading as m; print(m.load_model.__qualname__)"
     wrapped = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=60,
                              env={**env, gpu_check.MEMLOG_ENV: str(tmp_path / "mem.jsonl")})
     assert wrapped.returncode == 0, wrapped.stderr[-2000:]
     assert wrapped.stdout.strip() == "install_memory_hook.<locals>.patch_models.<locals>.load_model"
-    plain = subprocess.run([PY, "-c", "import sys, sitecustomize; print('dpo_dist.tools.gpu_check' in sys.modules)"],
+    plain = subprocess.run([PY, "-c", "import sys, sitecustomize; print('dpo_dist.bench.gpu_check' in sys.modules)"],
                            capture_output=True, text=True, timeout=30, env=env)
     assert plain.stdout.strip() == "False", plain.stderr
 

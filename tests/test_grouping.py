@@ -9,8 +9,8 @@ import pytest
 
 from dpo_dist.data.grouping import (DEFAULT_WINDOW, GlobalBatchLengthSampler, LengthGroupedTrainer, attach,
                                     grouped_order, padding_fraction, row_lengths)
-from dpo_dist.recipe import TrainConfig, recipe_from_dict
-from dpo_dist.schema import ConfigError
+from dpo_dist.config.recipe import TrainConfig, recipe_from_dict
+from dpo_dist.config.schema import ConfigError
 
 
 def dpo_lengths(n=4096, seed=0):
@@ -189,9 +189,9 @@ def test_recipe_keys_default_on_and_window_is_checked():
 
 @pytest.mark.e2e
 def test_training_with_grouping_pads_less_than_without(tiny_base, tmp_path, monkeypatch):
-    from dpo_dist.profiles import Profile
-    from dpo_dist.reliability import GuardedTrainer
-    from dpo_dist.train import run_recipe
+    from dpo_dist.config.profiles import Profile
+    from dpo_dist.reliability.guard import GuardedTrainer
+    from dpo_dist.training.run import run_recipe
     from tests.conftest import write_jsonl
 
     rng = random.Random(0)

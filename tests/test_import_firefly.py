@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from dpo_dist.profiles import load_profile
-from dpo_dist.recipe import load_recipe
-from dpo_dist.schema import ConfigError
-from dpo_dist.tools.firefly_import import add_parser, convert, read_train_args, run
+from dpo_dist.config.profiles import load_profile
+from dpo_dist.config.recipe import load_recipe
+from dpo_dist.config.schema import ConfigError
+from dpo_dist.commands.import_firefly import add_parser, convert, read_train_args, run
 
 DATA = Path(__file__).resolve().parent / "data" / "firefly"
 
@@ -120,7 +120,7 @@ def test_round_trip(case, tmp_path, capsys):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_written_files_pass_launch_preflight(case, tmp_path):
     """The launcher's own pre-flight checks accept the written recipe + profile (method, precision, batch split)."""
-    from dpo_dist.launch import preflight
+    from dpo_dist.launch.command import preflight
 
     world_size, want = CASES[case]
     run(_args(DATA / f"{case}.json", tmp_path, world_size=world_size))
@@ -133,7 +133,7 @@ def test_written_files_pass_launch_preflight(case, tmp_path):
 @pytest.mark.parametrize("src", sorted(DATA.glob("*.json")), ids=lambda p: p.stem)
 def test_every_fixture_converts_and_passes_launch_preflight(src, tmp_path):
     """Every input here (the source's real configs among them), converted for one GPU, loads and passes pre-flight."""
-    from dpo_dist.launch import preflight
+    from dpo_dist.launch.command import preflight
 
     assert run(_args(src, tmp_path)) == 0
     conv = convert(_load(src), source=str(src))
@@ -337,7 +337,7 @@ def test_qwen15_source_config_round_trips_without_remote_code(tmp_path):
     ("/data/models/final", "8xh100-zero3"),  # no size in the name: no offload, and the note says so
 ])
 def test_full_zero3_picks_the_shipped_zero3_profile_by_model_size(model, profile, tmp_path):
-    from dpo_dist.launch import preflight
+    from dpo_dist.launch.command import preflight
 
     data = _load(DATA / "dpo-full.json") | {"model_name_or_path": model}
     conv = convert(data, world_size=8)
@@ -360,7 +360,7 @@ def test_full_zero3_picks_the_shipped_zero3_profile_by_model_size(model, profile
 def test_full_zero3_without_a_fitting_profile_writes_a_deepspeed_zero3_profile(tmp_path, capsys):
     """The source's Qwen-7B-Chat full fine-tune (fp16, ZeRO-3 file) fits no shipped profile: the written profile runs
     DeepSpeed ZeRO-3, offloading on one GPU (112 GB of state), not on eight (14 GB each)."""
-    from dpo_dist.launch import preflight
+    from dpo_dist.launch.command import preflight
 
     src = DATA / "qwen-7b-sft-full.json"
     one = convert(_load(src), source=str(src))

@@ -1,4 +1,4 @@
-"""The DPO stage's compact logits → log-probs path (dpo_dist.stages.logps) against the textbook computation and
+"""The DPO stage's compact logits → log-probs path (dpo_dist.training.dpo.logps) against the textbook computation and
 against TRL's own fused head, which it replaces."""
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from transformers import AutoTokenizer
 
 from dpo_dist.data.render import Renderer
 from dpo_dist.data.tokenize import prepare_dataset
-from dpo_dist.models import load_model, lora_config
-from dpo_dist.profiles import Profile
-from dpo_dist.recipe import ConfigError, DataConfig, MethodConfig, ModelConfig, StageConfig, TrainConfig
-from dpo_dist.stages import logps as logps_mod
-from dpo_dist.stages.dpo import build_dpo_trainer, dpo_args
+from dpo_dist.models.loading import load_model, lora_config
+from dpo_dist.config.profiles import Profile
+from dpo_dist.config.recipe import ConfigError, DataConfig, MethodConfig, ModelConfig, StageConfig, TrainConfig
+from dpo_dist.training.dpo import logps as logps_mod
+from dpo_dist.training.dpo.trainer import build_dpo_trainer, dpo_args
 from tests.conftest import write_jsonl
 
 ALL = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")

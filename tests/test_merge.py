@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from dpo_dist.cli import main
-from dpo_dist.templates import get_template
+from dpo_dist.data.templates import get_template
 
 IDS = torch.arange(3, 35).reshape(2, 16)
 

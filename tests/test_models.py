@@ -6,8 +6,8 @@ import importlib.util
 import pytest
 import torch
 
-from dpo_dist.schema import ConfigError
-from dpo_dist.models import adapter_dtype, model_dtype, pick_attn_implementation
+from dpo_dist.config.schema import ConfigError
+from dpo_dist.models.loading import adapter_dtype, model_dtype, pick_attn_implementation
 
 
 def test_attention_is_sdpa_by_default_on_cpu():
@@ -36,7 +36,7 @@ def test_dtypes_follow_the_precision():
 
 def test_a_flash_attn_that_does_not_import_falls_back_to_sdpa_with_the_reason(tmp_path, monkeypatch, capsys):
     # What a flash-attn wheel built for another torch does: it is found, then fails to import.
-    import dpo_dist.models as models
+    import dpo_dist.distributed.devices as models
 
     pkg = tmp_path / "flash_attn"
     pkg.mkdir()
@@ -59,7 +59,7 @@ def test_a_flash_attn_that_does_not_import_falls_back_to_sdpa_with_the_reason(tm
 def test_export_cast_keeps_tied_weights_shared_and_refuses_fp16_overflow():
     from types import SimpleNamespace
 
-    from dpo_dist.stages.common import cast_floats, export_dtype
+    from dpo_dist.training.common import cast_floats, export_dtype
 
     assert export_dtype(SimpleNamespace(bf16=True, fp16=False)) == torch.bfloat16
     assert export_dtype(SimpleNamespace(bf16=False, fp16=True)) == torch.float16

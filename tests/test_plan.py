@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from dpo_dist.cli import main
-from dpo_dist.schema import ConfigError
-from dpo_dist.tools import plan_validation
-from dpo_dist.tools.plan_arch import config_arch, find_preset, preset_arch, preset_names
-from dpo_dist.tools.plan_model import GIB, PlanInput, largest_micro_batch, plan
+from dpo_dist.config.schema import ConfigError
+from dpo_dist.planner import validation as plan_validation
+from dpo_dist.planner.arch import config_arch, find_preset, preset_arch, preset_names
+from dpo_dist.planner.model import GIB, PlanInput, largest_micro_batch, plan
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "planner.md"
 
@@ -312,7 +312,7 @@ def test_docs_validation_table_is_what_the_code_computes():
     block = re.search(r"<!-- validation:start -->\n(.*?)\n<!-- validation:end -->", text, re.S)
     assert block, "docs/planner.md lost its validation markers"
     assert block.group(1).strip() == plan_validation.render().strip(), \
-        "regenerate with: python -m dpo_dist.tools.plan_validation"
+        "regenerate with: python -m dpo_dist.planner.validation"
 
 
 def test_docs_examples_are_what_the_command_prints(capsys):

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from dpo_dist.schema import ConfigError
-from dpo_dist.tools.plot import find_runs, moving_average, plot_runs
+from dpo_dist.config.schema import ConfigError
+from dpo_dist.commands.plot import find_runs, moving_average, plot_runs
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -1,4 +1,4 @@
-"""Stopping on request and checkpoints a resume can trust (dpo_dist.checkpoints), on one process and on 2 ranks."""
+"""Stopping on request and checkpoints a resume can trust (dpo_dist.reliability.checkpoints), on one process and on 2 ranks."""
 from __future__ import annotations
 
 import json
@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
-from dpo_dist.checkpoints import COMPLETE, latest_complete
-from dpo_dist.parity import rel_diff, weights_diff
-from dpo_dist.faults import KillAtStep
-from dpo_dist.stages.common import read_metrics
+from dpo_dist.reliability.checkpoints import COMPLETE, latest_complete
+from dpo_dist.launch.parity import rel_diff, weights_diff
+from dpo_dist.reliability.faults import KillAtStep
+from dpo_dist.training.common import read_metrics
 from tests.test_distributed import BIN, data, losses, run, write_recipe  # noqa: F401  (data is a fixture)
 
 

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from dpo_dist import cli
-from dpo_dist.backends import Backend, Launch, check_run, resolve, trainer_overrides
-from dpo_dist.launch import Nodes, build_command, deepspeed_hostfile, write_deepspeed_hostfile
-from dpo_dist.models import load_kwargs
-from dpo_dist.profiles import ROOT, Profile, load_profile, profile_names
-from dpo_dist.recipe import MethodConfig, ModelConfig, recipe_from_dict
-from dpo_dist.schema import ConfigError, load_yaml
+from dpo_dist.distributed.backends import Backend, Launch, check_run, resolve, trainer_overrides
+from dpo_dist.launch.command import Nodes, build_command, deepspeed_hostfile, write_deepspeed_hostfile
+from dpo_dist.models.loading import load_kwargs
+from dpo_dist.config.profiles import Profile, load_profile, profile_names
+from dpo_dist.config.resources import SHIPPED as ROOT
+from dpo_dist.config.recipe import MethodConfig, ModelConfig, recipe_from_dict
+from dpo_dist.config.schema import ConfigError, load_yaml
 
 GPU_PROFILES = ["v100-qlora", "1gpu-bf16", "8gpu-ddp-qlora", "8xh100-fsdp-qlora", "8xh100-fsdp-qlora-offload",
                 "8xh100-fsdp-lora", "8xh100-zero3", "8xh100-zero3-offload", "8xh100-zero3-qlora"]
@@ -138,15 +139,15 @@ def test_multi_node_flags():
 # ---- refusals, before any weights load ------------------------------------------------------------------------
 
 def test_multi_process_profile_in_one_process_is_refused(tmp_path, monkeypatch, capsys):
-    import dpo_dist.models
+    import dpo_dist.models.loading
 
     def no_loading(*_a, **_k):
         raise AssertionError("weights were loaded before the refusal")
 
-    monkeypatch.setattr(dpo_dist.models, "load_model", no_loading)
+    monkeypatch.setattr(dpo_dist.models.loading, "load_model", no_loading)
     path = tmp_path / "r.yaml"
     path.write_text(json.dumps(recipe().to_dict()))
-    from dpo_dist.train import main
+    from dpo_dist.training.run import main
 
     assert main([str(path), "--profile", "cpu-fsdp-2"]) == 2
     err = capsys.readouterr().err
@@ -250,9 +251,9 @@ def test_a_cpu_profile_stays_on_the_cpu_when_a_gpu_is_visible(monkeypatch, tiny_
     """The decision a GPU host makes, taken here with a GPU reported visible: the profile's device decides."""
     import torch
 
-    from dpo_dist.backends import on_cuda
-    from dpo_dist.models import load_kwargs, pick_attn_implementation
-    from dpo_dist.recipe import ModelConfig
+    from dpo_dist.distributed.backends import on_cuda
+    from dpo_dist.models.loading import load_kwargs, pick_attn_implementation
+    from dpo_dist.config.recipe import ModelConfig
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cpu, gpu = load_profile("cpu-ddp-2"), load_profile("1gpu-bf16")
@@ -282,7 +283,7 @@ def _fake_gpus(monkeypatch, count=1, bf16_native=True, name="NVIDIA H100"):
 
 
 def _gpu_check(recipe_args: list[str], profile_name: str, world: int = 1, backend_kind: str = "single"):
-    from dpo_dist.recipe import load_recipe
+    from dpo_dist.config.recipe import load_recipe
 
     recipe = load_recipe("configs/recipes/qwen2.5-7b-sft-dpo-qlora.yaml", recipe_args)  # qlora
     profile = load_profile(profile_name)
@@ -300,7 +301,7 @@ def test_bf16_on_a_gpu_that_only_emulates_it_is_refused(monkeypatch):
 
 
 def test_more_gpu_processes_than_visible_gpus_are_refused(monkeypatch):
-    from dpo_dist.backends import Launch, check_devices
+    from dpo_dist.distributed.backends import Launch, check_devices
 
     _fake_gpus(monkeypatch, count=2)
     profile = load_profile("8xh100-fsdp-qlora")
@@ -315,8 +316,8 @@ def test_more_gpu_processes_than_visible_gpus_are_refused(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     _gpu_check([], "1gpu-bf16")
     # `dpo-dist launch` refuses it before starting the ranks
-    monkeypatch.setattr("dpo_dist.backends.on_cuda", lambda profile: True)
-    monkeypatch.setattr("dpo_dist.launch.on_cuda", lambda profile: True)
+    monkeypatch.setattr("dpo_dist.distributed.backends.on_cuda", lambda profile: True)
+    monkeypatch.setattr("dpo_dist.launch.command.on_cuda", lambda profile: True)
     assert cli.main(["launch", "configs/recipes/qwen2.5-72b-dpo-qlora.yaml", "--profile", "8xh100-fsdp-qlora",
                      "--dry-run"]) == 2
 
@@ -334,7 +335,7 @@ def test_the_bitsandbytes_optimizer_names_are_those_transformers_builds_from_bit
     from transformers import Trainer, TrainingArguments
     from transformers.training_args import OptimizerNames
 
-    from dpo_dist.backends import BITSANDBYTES_OPTIMIZERS
+    from dpo_dist.distributed.backends import BITSANDBYTES_OPTIMIZERS
 
     found = set()
     for name in OptimizerNames:
@@ -353,7 +354,7 @@ def test_zero_offload_without_a_way_to_build_cpu_adam_is_refused(monkeypatch):
     # the whole model has loaded. Here a compiler and ninja exist (the check passes); then the compiler is taken away.
     import shutil
 
-    from dpo_dist.backends import cpu_adam_facts
+    from dpo_dist.distributed.backends import cpu_adam_facts
 
     assert cpu_adam_facts()["ok"], cpu_adam_facts()
     args = ["configs/recipes/qwen2.5-72b-dpo-qlora.yaml", "--profile", "8xh100-zero3-offload", "--dry-run",
@@ -365,14 +366,14 @@ def test_zero_offload_without_a_way_to_build_cpu_adam_is_refused(monkeypatch):
     assert not facts["ok"] and facts["detail"] == "not prebuilt, and cannot be built here: no C++ compiler (c++ or $CXX)"
     with pytest.raises(ConfigError, match=r"zero3-offload.json: offload_optimizer on the CPU steps with DeepSpeed's "
                                           r"CPU Adam, not prebuilt, and cannot be built here.*install a C\+\+ compiler"):
-        from dpo_dist.launch import preflight
+        from dpo_dist.launch.command import preflight
 
         preflight(args[0], load_profile("8xh100-zero3-offload"), ["method.type=full"], 1, sources=False)
 
 
 def test_a_profile_that_changes_the_optimizer_says_so():
-    from dpo_dist.backends import precision_notes
-    from dpo_dist.recipe import load_recipe
+    from dpo_dist.distributed.backends import precision_notes
+    from dpo_dist.config.recipe import load_recipe
 
     recipe = load_recipe("configs/recipes/qwen2.5-7b-sft-dpo-qlora.yaml")
     notes = precision_notes(recipe, load_profile("v100-qlora"))

@@ -142,7 +142,7 @@ def test_a_llama3_tokenizer_without_a_template_gets_llama3_and_its_bos(tmp_path)
 
 
 def sft_dpo_recipe(base, out, tmp_path, **model):
-    from dpo_dist.recipe import recipe_from_dict
+    from dpo_dist.config.recipe import recipe_from_dict
 
     sft = write_jsonl(tmp_path / "sft.jsonl", [{"conversation": [{"human": "Tell me about the fox.",
                                                                    "assistant": "It is kind."}]}] * 8)
@@ -161,9 +161,9 @@ def sft_dpo_recipe(base, out, tmp_path, **model):
 
 @pytest.mark.e2e
 def test_sft_then_dpo_on_each_family_and_exports_stop_at_the_end_of_turn(family, tmp_path):
-    from dpo_dist.export import stop_ids
-    from dpo_dist.profiles import Profile
-    from dpo_dist.train import run_recipe
+    from dpo_dist.training.export import stop_ids
+    from dpo_dist.config.profiles import Profile
+    from dpo_dist.training.run import run_recipe
 
     name, path, tokenizer = family
     profile = Profile(name="test", micro_batch_size=2, precision="fp32")  # auto: Gemma 2 has no sdpa
@@ -218,11 +218,11 @@ def test_a_merged_export_stops_at_the_end_of_turn_in_plain_transformers(tmp_path
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dpo_dist.merge import merge_adapter
-    from dpo_dist.profiles import Profile
-    from dpo_dist.recipe import recipe_from_dict
-    from dpo_dist.templates import get_template
-    from dpo_dist.train import run_recipe
+    from dpo_dist.inference.merge import merge_adapter
+    from dpo_dist.config.profiles import Profile
+    from dpo_dist.config.recipe import recipe_from_dict
+    from dpo_dist.data.templates import get_template
+    from dpo_dist.training.run import run_recipe
 
     base = as_llama3_base(build_family_model("llama3.1", tmp_path / "base", hidden=64))
     chat = [{"role": "user", "content": "Tell me about the fox."}, {"role": "assistant", "content": "It is kind."}]
@@ -326,9 +326,9 @@ def test_a_template_of_no_known_family_that_is_not_prefix_stable_gets_one_error_
         tiny_base, tmp_path, capsys, monkeypatch):
     """The tiny base's vocabulary is ChatML's, so its family would be found; a vocabulary of no known family is
     made by hiding it."""
-    from dpo_dist import templates
+    from dpo_dist.data import templates
     from dpo_dist.cli import main
-    from dpo_dist.train import main as train_main
+    from dpo_dist.training.run import main as train_main
 
     monkeypatch.setattr(templates, "_FAMILIES", ())
     recipe = unstable_recipe(tmp_path, tiny_base, "unstable")

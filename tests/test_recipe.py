@@ -5,9 +5,9 @@ import copy
 
 import pytest
 
-from dpo_dist.profiles import gradient_accumulation
-from dpo_dist.recipe import recipe_from_dict
-from dpo_dist.schema import ConfigError, load_yaml
+from dpo_dist.config.profiles import gradient_accumulation
+from dpo_dist.config.recipe import recipe_from_dict
+from dpo_dist.config.schema import ConfigError, load_yaml
 
 
 @pytest.fixture

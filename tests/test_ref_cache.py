@@ -1,4 +1,4 @@
-"""Reference log-probs computed once per pair and cached (dpo_dist.stages.ref_cache): same loss as the inline
+"""Reference log-probs computed once per pair and cached (dpo_dist.training.dpo.ref_cache): same loss as the inline
 reference pass, no reference forward in the steps, reused by a later run, keyed by the rows and the model."""
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpo_dist.recipe import ConfigError, TrainConfig
-from dpo_dist.stages import ref_cache
+from dpo_dist.config.recipe import ConfigError, TrainConfig
+from dpo_dist.training.dpo import ref_cache
 from tests.test_logps import KernelSpy, _trainer, perturb, train_step
 
 pytestmark = pytest.mark.e2e

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpo_dist.recipe import recipe_from_dict
+from dpo_dist.config.recipe import recipe_from_dict
 from tests.test_distributed import BIN, data, write_recipe  # noqa: F401  (data is a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,7 +72,7 @@ def test_torch_load_refuses_pickled_code_by_default(tmp_path):
 def test_trust_remote_code_is_off_by_default_and_warns_when_on(tiny_base, monkeypatch, capsys):
     from transformers import AutoTokenizer
 
-    from dpo_dist import models
+    from dpo_dist.models import loading as models
 
     seen = []
     original = AutoTokenizer.from_pretrained
@@ -129,7 +129,7 @@ def test_deepspeed_checkpoint_loading_refuses_pickled_code(tmp_path):
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    from dpo_dist.safe_loading import UnsafeCheckpoint, harden_deepspeed_loading
+    from dpo_dist.distributed.safe_loading import UnsafeCheckpoint, harden_deepspeed_loading
 
     harden_deepspeed_loading()
     engine = TorchCheckpointEngine()
@@ -148,7 +148,7 @@ def test_sharded_checkpoint_loading_refuses_pickled_code(tmp_path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from dpo_dist.safe_loading import UnsafeCheckpoint, harden_dcp_loading
+    from dpo_dist.distributed.safe_loading import UnsafeCheckpoint, harden_dcp_loading
 
     harden_dcp_loading()
     state = {"w": torch.arange(4.0), "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999), "params": [0]}]}

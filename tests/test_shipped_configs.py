@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from dpo_dist.profiles import load_profile
-from dpo_dist.recipe import load_recipe
+from dpo_dist.config.profiles import load_profile
+from dpo_dist.config.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "configs" / "recipes").glob("*.yaml"))

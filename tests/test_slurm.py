@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from dpo_dist.checkpoints import COMPLETE
-from dpo_dist.parity import rel_diff, weights_diff
-from dpo_dist.stages.common import read_metrics
+from dpo_dist.reliability.checkpoints import COMPLETE
+from dpo_dist.launch.parity import rel_diff, weights_diff
+from dpo_dist.training.common import read_metrics
 from tests.slurm_cluster import Cluster, unavailable
 from tests.test_distributed import BIN, ROOT, data, run, summary, write_recipe  # noqa: F401  (data is a fixture)
 

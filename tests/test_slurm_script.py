@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dpo_dist.schema import ConfigError
-from dpo_dist.slurm import Allocation, JobSpec, render, run_job, script_for
+from dpo_dist.config.schema import ConfigError
+from dpo_dist.launch.slurm import Allocation, JobSpec, render, run_job, script_for
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = str(ROOT / "configs" / "recipes" / "qwen2.5-72b-dpo-qlora.yaml")
@@ -82,7 +82,7 @@ def test_driver_refuses_outside_slurm_and_the_wrong_script(monkeypatch, tmp_path
 def test_running_a_launcher_restores_the_callers_signal_handlers():
     import signal
 
-    from dpo_dist.launch import _run
+    from dpo_dist.launch.command import _run
 
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
     # the child sees SIGUSR1 ignored (launchers would die of it) and SIGTERM at its default

@@ -7,16 +7,16 @@ import weakref
 
 import pytest
 
-from dpo_dist.profiles import Profile
-from dpo_dist.recipe import recipe_from_dict
+from dpo_dist.config.profiles import Profile
+from dpo_dist.config.recipe import recipe_from_dict
 from tests.conftest import write_jsonl
 
 pytestmark = pytest.mark.e2e
 
 
 def test_stage_one_is_released_before_stage_two_loads(tiny_base, tmp_path, monkeypatch):
-    import dpo_dist.models as models
-    from dpo_dist.train import run_recipe
+    import dpo_dist.models.loading as models
+    from dpo_dist.training.run import run_recipe
 
     sft = write_jsonl(tmp_path / "sft.jsonl", [
         {"conversation": [{"human": f"Tell me about the fox {i}.", "assistant": "It is kind."}]} for i in range(8)])

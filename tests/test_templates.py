@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from jinja2.exceptions import TemplateError
 
-from dpo_dist.templates import apply_default_system, get_template, template_names
+from dpo_dist.data.templates import apply_default_system, get_template, template_names
 
 BOS, EOS = "<s>", "</s>"
 SYSTEM = "Be terse."
@@ -67,7 +67,7 @@ def conversation(with_system: bool) -> list[dict]:
 
 
 def test_registry_matches_template_files() -> None:
-    files = {p.name[: -len(".jinja")] for p in resources.files("dpo_dist.templates").iterdir() if p.name.endswith(".jinja")}
+    files = {p.name[: -len(".jinja")] for p in resources.files("dpo_dist.data.templates").iterdir() if p.name.endswith(".jinja")}
     # Names that share another's turns (and differ in metadata) share its file.
     assert files == set(ALL) - {"chatml", "qwen2.5", "gemma2", "gemma3"}
     assert set(GENERATION_SUFFIX) == set(ALL)

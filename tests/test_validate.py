@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from dpo_dist.data.formats import DataError, RowWarning, check_source, read_source, scan_source
-from dpo_dist.schema import ConfigError
-from dpo_dist.validate import check_data, report_lines, validate_file, validate_recipe
+from dpo_dist.config.schema import ConfigError
+from dpo_dist.commands.validate import check_data, report_lines, validate_file, validate_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 BOM = codecs.BOM_UTF8

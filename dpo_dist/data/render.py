@@ -1,11 +1,11 @@
 """Chat rendering: messages → text segments, each marked as supervised (assistant) or not.
 
 Which template renders (`Renderer.choice`, logged and written to data_report.json and summary.json):
-1. `model.template`, when the recipe sets it: a registry template (dpo_dist.templates);
+1. `model.template`, when the recipe sets it: a registry template (dpo_dist.data.templates);
 2. else the tokenizer's own chat template: with `{% generation %}` markers, what they enclose is supervised;
    without, it is used when it is prefix-stable, checked on a two-turn conversation before any row;
 3. a template that is not prefix-stable (Qwen3's drops earlier turns' reasoning) is replaced by the registry
-   template of the tokenizer's family (dpo_dist.templates.detect_family), with a warning; of no known family, it is
+   template of the tokenizer's family (dpo_dist.data.templates.detect_family), with a warning; of no known family, it is
    refused with one error naming `model.template`;
 4. a tokenizer with no chat template gets its family's registry template, else `default`.
 `dpo-dist validate` and training construct the same Renderer, so they reach the same verdict.
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from jinja2.exceptions import TemplateError as JinjaError
 
-from dpo_dist.templates import ChatTemplate, apply_default_system, detect_family, get_template, template_names
+from dpo_dist.data.templates import ChatTemplate, apply_default_system, detect_family, get_template, template_names
 
 
 class TemplateError(ValueError):

@@ -9,8 +9,9 @@ from pathlib import Path
 from dpo_dist.demo.build import DATA_DIR, build_base
 from dpo_dist.demo.synth import is_preferred
 
-REPO = Path(__file__).resolve().parents[2]
-DEMO_RECIPE = REPO / "configs" / "recipes" / "demo.yaml"
+from dpo_dist.config.resources import RECIPES
+
+DEMO_RECIPE = RECIPES / "demo.yaml"
 
 
 def demo_overrides(out: Path) -> list[str]:
@@ -31,7 +32,7 @@ def evaluate_models(out: Path, template: str) -> dict[str, dict]:
 
     from dpo_dist.data.formats import read_source
     from dpo_dist.data.render import Renderer
-    from dpo_dist.evaluation import generate, preference_accuracy
+    from dpo_dist.inference.scoring import generate, preference_accuracy
 
     rows = read_source(str(DATA_DIR / "heldout.jsonl"), "dpo", fmt="pair").rows
     prompts = [r["prompt"] for r in rows]
@@ -65,9 +66,9 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 def run_demo(out: Path, overrides: list[str] = (), profile: str = "cpu") -> dict:
-    from dpo_dist.profiles import load_profile
-    from dpo_dist.recipe import load_recipe
-    from dpo_dist.train import run_recipe
+    from dpo_dist.config.profiles import load_profile
+    from dpo_dist.config.recipe import load_recipe
+    from dpo_dist.training.run import run_recipe
 
     started = time.time()
     out = Path(out).resolve()
@@ -77,7 +78,7 @@ def run_demo(out: Path, overrides: list[str] = (), profile: str = "cpu") -> dict
     run_recipe(recipe, load_profile(profile))
     print("[demo] evaluating base / SFT / DPO on held-out pairs (none of them in the training data)")
     results = evaluate_models(out, recipe.model.template)
-    from dpo_dist.tools.plot import plot_runs
+    from dpo_dist.commands.plot import plot_runs
 
     for stage in recipe.stages:  # one figure per stage: its curves (dpo: rewards and margins too)
         plot_runs([out / stage.name], out / stage.name / "metrics.png", title=f"demo: {stage.name}")

@@ -1,0 +1,292 @@
+"""The recipe: what to learn (model, data, stages, method, hyperparameters). Never hardware.
+
+Precedence, stated once: command-line `key=value` overrides > the recipe file > the defaults below.
+A recipe-level `train:` block holds defaults that each stage's own `train:` block overrides key by key.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from dpo_dist.config.schema import ConfigError, apply_override, build, load_yaml, to_dict
+
+Stage = Literal["pretrain", "sft", "dpo"]
+Method = Literal["full", "lora", "qlora"]
+LossType = Literal["sigmoid", "ipo", "hinge", "robust", "simpo"]
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr", "polynomial")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str
+    tokenizer: str | None = None  # defaults to name_or_path
+    revision: str | None = None
+    trust_remote_code: bool = False
+    # Chat template name from dpo_dist.data.templates; null = the tokenizer's own template, else "default".
+    template: str | None = None
+
+    def check(self, where: str) -> None:
+        if self.template is not None:
+            from dpo_dist.data.templates import get_template
+
+            try:
+                get_template(self.template)
+            except ValueError as err:
+                raise ConfigError(f"{where}.template: {err}") from None
+
+
+@dataclass
+class MethodConfig:
+    type: Method = "lora"
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    # null = every linear layer except lm_head.
+    target_modules: list[str] | None = None
+
+    def check(self, where: str) -> None:
+        if self.lora_r <= 0:
+            raise ConfigError(f"{where}.lora_r: must be positive, got {self.lora_r}")
+        if self.lora_alpha <= 0:
+            raise ConfigError(f"{where}.lora_alpha: must be positive, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"{where}.lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+
+
+@dataclass
+class DataConfig:
+    train: str  # a .jsonl/.json/.parquet file, a directory (pretrain), or a Hugging Face dataset name
+    eval: str | None = None
+    format: str = "auto"
+    split: str = "train"
+    on_bad_row: Literal["error", "skip"] = "error"
+    max_rows: int | None = None  # use the first N rows (after validation)
+    num_proc: int | None = None  # tokenization processes; null = the cores available (fewer for a small source)
+
+    def check(self, where: str) -> None:
+        if self.max_rows is not None and self.max_rows <= 0:
+            raise ConfigError(f"{where}.max_rows: must be positive, got {self.max_rows}")
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = 2e-4
+    global_batch_size: int = 32
+    num_epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides num_epochs
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+    gradient_checkpointing: bool = False
+    fp16: bool = False
+    bf16: bool = False
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    eval_steps: int | None = None
+    # A step whose loss is NaN/inf: stop (naming the step and the last good checkpoint), or skip its update.
+    on_nonfinite_loss: Literal["stop", "skip"] = "stop"
+    max_nonfinite_skips: int = 10  # with skip: stop once this many steps were skipped
+    # Order rows so each global batch holds rows of similar length (less padding); shuffled per epoch, and keyed to
+    # the global batch only, so every profile trains on the same batches (dpo_dist.data.grouping). Not for pretrain.
+    group_by_length: bool = True
+    group_window: int = 16  # rows are sorted by length within windows of this many global batches
+    # DPO: project only completion tokens through the LM head, in vocabulary tiles of this width
+    # (dpo_dist.training.dpo.logps); false leaves TRL's fused head as it is.
+    compact_logps: bool = True
+    logps_vocab_chunk: int = 8192
+    # DPO: run the backbone on the real tokens packed into one row (needs compact_logps). auto = only with flash
+    # attention's varlen kernels; true also under SDPA/eager (a dense block-diagonal mask: correct, rarely faster).
+    padding_free: bool | Literal["auto"] = "auto"
+    # DPO: reference log-probs computed once per pair before the first step and cached on disk, keyed by the rows'
+    # tokens and the reference model (dpo_dist.training.dpo.ref_cache); false runs the reference forward in every step.
+    ref_logps_cache: bool = True
+    ref_logps_batch_size: int | None = None  # pairs per forward of that pass; null = 4 × the profile's micro-batch
+    # Compile the model with torch.compile (TrainingArguments.torch_compile). Off by default: the first steps pay
+    # the compilation, and each new batch length recompiles (measured in docs/benchmarks.md).
+    torch_compile: bool = False
+    torch_compile_backend: str = "inductor"
+    torch_compile_mode: str | None = None  # e.g. "reduce-overhead", "max-autotune"; null = the backend's default
+
+    def check(self, where: str) -> None:
+        if self.learning_rate <= 0:
+            raise ConfigError(f"{where}.learning_rate: must be positive, got {self.learning_rate}")
+        if self.global_batch_size <= 0:
+            raise ConfigError(f"{where}.global_batch_size: must be positive, got {self.global_batch_size}")
+        if self.num_epochs <= 0 and self.max_steps <= 0:
+            raise ConfigError(f"{where}.num_epochs: must be positive unless max_steps is set")
+        if self.fp16 and self.bf16:
+            raise ConfigError(f"{where}: fp16 and bf16 are both true; choose one (fp16 for V100, bf16 for A100/H100)")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise ConfigError(f"{where}.lr_scheduler: {self.lr_scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+        if self.warmup_steps < 0 or not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"{where}.warmup_steps/warmup_ratio: must be >= 0 and ratio < 1")
+        for name in ("logging_steps", "save_steps", "max_nonfinite_skips", "group_window", "logps_vocab_chunk"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{where}.{name}: must be positive, got {getattr(self, name)}")
+        if self.padding_free not in (True, False, "auto"):
+            raise ConfigError(f"{where}.padding_free: must be true, false or auto, got {self.padding_free!r}")
+        if self.padding_free is True and not self.compact_logps:
+            raise ConfigError(f"{where}.padding_free: true needs compact_logps: true (the packed rows are scored by "
+                              "dpo-dist's log-prob path)")
+        if self.torch_compile:
+            import torch
+
+            if self.torch_compile_backend not in torch.compiler.list_backends(exclude_tags=()):
+                raise ConfigError(f"{where}.torch_compile_backend: {self.torch_compile_backend!r} is not a "
+                                  f"torch.compile backend ({', '.join(torch.compiler.list_backends())})")
+        if self.ref_logps_batch_size is not None and self.ref_logps_batch_size <= 0:
+            raise ConfigError(f"{where}.ref_logps_batch_size: must be positive, or null for 4 × the micro-batch; "
+                              f"got {self.ref_logps_batch_size}")
+        if self.save_total_limit is not None and self.save_total_limit <= 0:
+            raise ConfigError(f"{where}.save_total_limit: must be positive (the number of checkpoints kept), or null "
+                              f"to keep all; got {self.save_total_limit}")
+
+    @property
+    def precision(self) -> str:
+        return "fp16" if self.fp16 else "bf16" if self.bf16 else "fp32"
+
+
+@dataclass
+class StageConfig:
+    stage: Stage
+    data: DataConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str | None = None  # run-directory name; defaults to the stage type
+    method: MethodConfig | None = None  # overrides the recipe's method for this stage only
+    max_length: int = 2048
+    # DPO only
+    max_prompt_length: int | None = None
+    beta: float = 0.1
+    loss_type: LossType = "sigmoid"
+    label_smoothing: float = 0.0  # robust loss: assumed label-noise rate
+    simpo_gamma: float = 0.5  # simpo loss: target reward margin
+    # Weight of an NLL term on the chosen response added to the preference loss (RPO); keeps the chosen
+    # response's likelihood from falling along with the rejected one's. 0 = plain DPO.
+    sft_weight: float = 0.0
+
+    def check(self, where: str) -> None:
+        if self.name is None:
+            self.name = self.stage
+        if self.max_length <= 1:
+            raise ConfigError(f"{where}.max_length: must be > 1, got {self.max_length}")
+        from dpo_dist.data.formats import FORMATS
+
+        formats = FORMATS[self.stage]
+        if self.data.format not in formats:
+            from dpo_dist.config.schema import closest
+
+            hint = closest(self.data.format, formats)
+            raise ConfigError(f"{where}.data.format: {self.data.format!r} is not a {self.stage} format "
+                              f"({', '.join(formats)})" + (f"; did you mean {hint!r}?" if hint else ""))
+        if self.stage == "dpo":
+            if self.beta <= 0:
+                raise ConfigError(f"{where}.beta: must be positive, got {self.beta}")
+            if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
+                raise ConfigError(
+                    f"{where}.max_prompt_length: must be between 1 and max_length-1 ({self.max_length - 1}), "
+                    f"got {self.max_prompt_length}"
+                )
+            if self.sft_weight < 0:
+                raise ConfigError(f"{where}.sft_weight: must be >= 0, got {self.sft_weight}")
+            if self.sft_weight and self.loss_type == "simpo":
+                raise ConfigError(f"{where}.sft_weight: not supported with loss_type simpo")
+            if self.loss_type == "robust" and not 0.0 <= self.label_smoothing < 0.5:
+                raise ConfigError(f"{where}.label_smoothing: the robust loss needs a value in [0, 0.5)")
+        else:
+            for key, default in (("max_prompt_length", None), ("loss_type", "sigmoid"), ("label_smoothing", 0.0),
+                                 ("sft_weight", 0.0)):
+                if getattr(self, key) != default:
+                    raise ConfigError(f"{where}.{key}: only applies to dpo stages, this stage is {self.stage}")
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: ModelConfig
+    stages: list[StageConfig]
+    method: MethodConfig = field(default_factory=MethodConfig)
+    seed: int = 42
+    output_dir: str | None = None  # defaults to runs/<name>
+    # Each stage starts from the previous stage's result (LoRA adapters merged into a full-precision base).
+    chain: bool = True
+    train: dict | None = None  # defaults for every stage's train block (merged before validation)
+
+    def check(self, where: str) -> None:
+        if not self.stages:
+            raise ConfigError(f"{where + '.' if where else ''}stages: at least one stage is required")
+        names = [s.name for s in self.stages]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"stages: two stages share the name {dupes[0]!r}; give them distinct `name:` keys")
+        if self.chain:
+            order = {"pretrain": 0, "sft": 1, "dpo": 2}
+            for prev, cur in zip(self.stages, self.stages[1:]):
+                if order[cur.stage] < order[prev.stage]:
+                    raise ConfigError(
+                        f"stages: {cur.stage} after {prev.stage} with chain: true would train in the wrong order; "
+                        "use pretrain → sft → dpo, or set chain: false to run the stages independently"
+                    )
+        if self.output_dir is None:
+            self.output_dir = f"runs/{self.name}"
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def method_of(self, stage: StageConfig) -> MethodConfig:
+        return stage.method or self.method
+
+    def stage(self, name: str) -> StageConfig:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+def _stage_alias(items: list, part: str) -> int | None:
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and part in (item.get("name"), item.get("stage")):
+            return i
+    return None
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def recipe_from_dict(data: dict, overrides: list[str] = (), source: str = "recipe") -> Recipe:
+    data = copy.deepcopy(data)
+    try:
+        for assignment in overrides:
+            apply_override(data, assignment, _stage_alias)
+        defaults = data.get("train") or {}
+        if not isinstance(defaults, dict):
+            raise ConfigError("train: expected a mapping of training defaults")
+        stages = data.get("stages")
+        if isinstance(stages, list):
+            for i, stage in enumerate(stages):
+                if isinstance(stage, str):  # shorthand `stages: [sft, dpo]` is not enough: each needs data
+                    raise ConfigError(f"stages[{i}]: expected a mapping with at least `stage:` and `data:`")
+                if isinstance(stage, dict) and (defaults or "train" in stage):
+                    stage["train"] = _merge(defaults, stage.get("train") or {})
+        # Validate the defaults on their own so a typo there names `train.x`, not a stage.
+        build(TrainConfig, defaults, "train")
+        return build(Recipe, data)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """`path` is a recipe file, or the name of a shipped recipe (dpo_dist.config.resources.recipe_file)."""
+    from dpo_dist.config.resources import recipe_file
+
+    path = recipe_file(path)
+    return recipe_from_dict(load_yaml(path), overrides, source=str(path))

@@ -1,0 +1,132 @@
+"""DPO: TRL's DPOTrainer on rows tokenized by dpo_dist.data, plus a reference-free SimPO-style loss.
+
+With LoRA/QLoRA the trainer gets the base model and a peft_config, so the reference is the same weights with the
+adapter disabled: no second copy is ever loaded. Full-parameter DPO loads a frozen reference.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.nn.functional as F
+from trl import DPOConfig, DPOTrainer
+
+from dpo_dist.data.grouping import LengthGroupedTrainer, grouping_for
+from dpo_dist.config.profiles import Profile
+from dpo_dist.config.recipe import StageConfig
+from dpo_dist.reliability.guard import GuardedTrainer
+from dpo_dist.training.common import training_kwargs
+from dpo_dist.training.dpo.logps import install_compact_head, padding_free_for
+from dpo_dist.training.dpo.ref_cache import KeyedCollator, RefLogpsCache, cache_dir, model_key, without_pair_keys
+
+
+class PretokenizedDPOTrainer(LengthGroupedTrainer, GuardedTrainer, DPOTrainer):
+    """DPOTrainer that accepts rows already holding prompt_ids/chosen_ids/rejected_ids."""
+
+    def __init__(self, *args, simpo_gamma: float = 0.5, **kwargs):
+        self.simpo_gamma = simpo_gamma
+        self.ref_cache: RefLogpsCache | None = None  # set by build_dpo_trainer (train.ref_logps_cache)
+        super().__init__(*args, **kwargs)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        # trl 1.16 re-renders and re-tokenizes every row unconditionally; ours are tokenized with the recipe's
+        # template and max_prompt_length (which trl 1.x dropped), so they are used as they are.
+        if "prompt_ids" in dataset.column_names:
+            return dataset
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        model_inputs = without_pair_keys(inputs)  # TRL passes the batch's other keys on to the model's forward
+        if self.loss_types == ["simpo"]:
+            return self._simpo_loss(model, model_inputs)
+        if self.ref_cache is None or not self.model.training:
+            return super()._compute_loss(model, model_inputs, return_outputs)
+        chosen, rejected = self.ref_cache.lookup(self, inputs)  # by the collator's pair keys: no device→host copy
+        inputs = {**model_inputs, "ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
+        self.precompute_ref_logps = True  # TRL's loss then reads the reference values from the batch
+        try:
+            return super()._compute_loss(model, inputs, return_outputs)
+        finally:
+            self.precompute_ref_logps = False
+
+    def compute_ref_log_probs(self, model, inputs):
+        return super().compute_ref_log_probs(model, without_pair_keys(inputs))
+
+    def _simpo_loss(self, model, inputs):
+        """Reference-free: -log σ(β·(mean logp chosen − mean logp rejected) − γ). No reference pass is run."""
+        mode = "train" if self.model.training else "eval"
+        mask = inputs["completion_mask"]
+        labels = inputs["input_ids"].masked_fill(mask == 0, -100)
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
+                    use_cache=False, fused_lm_head=True)
+        shift_mask = mask[:, 1:]
+        logps = out.log_probs[:, -shift_mask.size(1):].sum(dim=1)
+        mean_logps = logps / shift_mask.sum(dim=1).clamp(min=1)
+        chosen, rejected = mean_logps.chunk(2, dim=0)
+        loss = -F.logsigmoid(self.beta * (chosen - rejected) - self.simpo_gamma).mean()
+        chosen_rewards, rejected_rewards = (self.beta * chosen).detach(), (self.beta * rejected).detach()
+        gather = self.accelerator.gather
+        metrics = self._metrics[mode]
+        metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
+        metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
+        metrics["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
+        metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
+        logps_c, logps_r = logps.detach().chunk(2, dim=0)
+        metrics["logps/chosen"].append(gather(logps_c).mean().item())
+        metrics["logps/rejected"].append(gather(logps_r).mean().item())
+        if mode == "train":
+            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
+        metrics["num_tokens"] = [self._total_train_tokens]
+        return loss
+
+
+def dpo_args(stage: StageConfig, profile: Profile, run_dir: Path, seed: int, world_size: int,
+             overrides: dict | None = None) -> DPOConfig:
+    return DPOConfig(
+        **{**training_kwargs(stage, profile, run_dir, seed, world_size), **(overrides or {})},
+        max_length=stage.max_length,  # rows are already cut to fit; this only guards the collator
+        beta=stage.beta,
+        loss_type=[stage.loss_type] + (["sft"] if stage.sft_weight else []),
+        loss_weights=[1.0, stage.sft_weight] if stage.sft_weight else None,
+        label_smoothing=stage.label_smoothing,
+        precompute_ref_log_probs=False,
+    )
+
+
+def build_dpo_trainer(stage: StageConfig, args: DPOConfig, model, tokenizer, train_ds, eval_ds, peft_config,
+                      callbacks, ref_model=None, log=print):
+    trainer = PretokenizedDPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+        simpo_gamma=stage.simpo_gamma,
+        length_grouping=grouping_for(stage),
+    )
+    if trainer.ref_model is not None:  # full-parameter DPO: trl runs it under no_grad but leaves it trainable
+        trainer.ref_model.requires_grad_(False)
+    policy = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    # Full-parameter DPO: TRL has already wrapped the frozen reference (a DeepSpeed engine, or a DDP module); its
+    # head goes on the model inside, where TRL put its own, so the wrapper's forward still runs around it.
+    reference = getattr(trainer.ref_model, "module", trainer.ref_model)
+    if stage.train.compact_logps:
+        # The fields TRL's DPOTrainer asks its own head for: log-probs, plus what its metrics (and WPO) read.
+        outputs = ("log_probs", "entropy", "mean_logits", "is_top1") + (
+            ("log_sum_sq_probs",) if trainer.use_weighting else ())
+        packed = padding_free_for(stage.train.padding_free, getattr(policy.config, "_attn_implementation", None))
+        install_compact_head(policy, outputs, stage.train.logps_vocab_chunk, packed)
+        if reference is not None:
+            install_compact_head(reference, ("log_probs",), stage.train.logps_vocab_chunk, packed)
+    if stage.train.ref_logps_cache and stage.loss_type != "simpo":
+        precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+        head = ["compact", stage.train.logps_vocab_chunk] if stage.train.compact_logps else ["trl"]
+        key = model_key(reference if reference is not None else policy, precision,
+                        {"ld_alpha": trainer.ld_alpha, "head": head})
+        trainer.ref_cache = RefLogpsCache(cache_dir() / f"{key}.jsonl",
+                                          stage.train.ref_logps_batch_size or 4 * args.per_device_train_batch_size,
+                                          log=log)
+        trainer.data_collator = KeyedCollator(trainer.data_collator)  # each batch carries its pairs' cache keys
+    return trainer
