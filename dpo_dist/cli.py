@@ -45,6 +45,23 @@ def _run_for_json(func, args) -> int:
         _JSON_STDOUT = None
 
 
+LIBRARIES = ("transformers", "trl", "peft", "accelerate", "deepspeed", "bitsandbytes", "torch", "datasets",
+             "huggingface_hub")
+LIBRARY_WARNINGS = r"(" + "|".join(LIBRARIES) + r")(\.|$)"
+
+
+def quiet_libraries() -> None:
+    """Keep the libraries' import-time warnings (FutureWarnings about gradient_checkpointing, the 4-bit kernels
+    notice, DeepSpeed's accelerator line) off the console; `dpo-dist --verbose` shows them. dpo-dist's own warnings
+    are printed lines, not these, so none of them is hidden."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", module=LIBRARY_WARNINGS)
+    for name in LIBRARIES + ("DeepSpeed",):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -53,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         if extra or not hasattr(args, "overrides"):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         args.overrides = list(args.overrides) + rest
+    if not args.verbose:
+        quiet_libraries()
     try:
         return _run_for_json(args.func, args) if _json_on_stdout(args) else args.func(args)
     except ConfigError as err:

@@ -399,6 +399,14 @@ def test_recipe_overrides_and_unloadable_tokenizer(tmp_path):
     bad.write_bytes(jsonl("{"))
     recipe = write_recipe(tmp_path / "recipe.yaml", str(tmp_path / "no-such-model"), good)
     out: list[str] = []
+    # a missing model directory is refused as every command refuses it (dpo_dist.config.preflight), before any data
+    with pytest.raises(ConfigError, match=r"^model.name_or_path: .*no-such-model does not exist; give an existing"):
+        validate_recipe(str(recipe), out=out.append)
+    assert out == []
+    broken = tmp_path / "broken-model"  # a model directory whose tokenizer does not load
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    recipe = write_recipe(tmp_path / "recipe.yaml", str(broken), good)
     assert validate_recipe(str(recipe), out=out.append) == 0
     assert out[0].startswith("warning: token-length checks skipped: cannot load the tokenizer")
     assert out[1] == f"== stage sft (sft) data.train: {good}"
@@ -412,7 +420,10 @@ def test_odd_characters_in_paths_are_never_run_by_a_shell(tmp_path):
     weird.mkdir()
     data = weird / "my data $(touch pwned).jsonl"
     data.write_bytes(jsonl(FIREFLY, "{"))
-    recipe = write_recipe(weird / "recipe $(touch pwned).yaml", str(tmp_path / "no-model"), data)
+    model = weird / "model $(touch pwned)"  # a model directory whose tokenizer does not load: the data is checked
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    recipe = write_recipe(weird / "recipe $(touch pwned).yaml", str(model), data)
     proc = run_cli("validate", "--data", str(data), "--format", "sft", cwd=tmp_path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     expected_line(proc.stdout.splitlines(), str(data), 2, "row", "invalid JSON")

@@ -42,10 +42,14 @@ def resolve_model(spec: str) -> tuple[Arch, dict, str]:
 
 
 def _from_recipe(path: Path) -> tuple[Arch, dict, str]:
+    from dpo_dist.config.preflight import check_data, check_model
     from dpo_dist.config.recipe import load_recipe
 
     recipe = load_recipe(path)
+    check_data(recipe)  # what every command checks of a recipe (dpo_dist.config.preflight)
     name = recipe.model.name_or_path
+    if not find_preset(name) and not (path.parent / name / "config.json").is_file():
+        check_model(name, "model.name_or_path")  # a missing directory: the one-line error every command gives
     if find_preset(name):
         arch, source = preset_arch(name), f"{path}: model.name_or_path {name} (preset)"
     elif (Path(name) / "config.json").is_file() or (path.parent / name / "config.json").is_file():
@@ -307,7 +311,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("plan", help="per-GPU memory of a training run, the layout and shipped profile that fit, and "
                        "the largest micro-batch", description="Exit status 0 when the printed plan fits, 1 when it "
                        "does not; docs/planner.md explains the arithmetic.")
-    p.add_argument("--model", required=True, help="a preset (e.g. qwen2.5-7b; see docs/planner.md), an HF config.json "
+    p.add_argument("--model", "--recipe", dest="model", required=True, help="a preset (e.g. qwen2.5-7b; see docs/planner.md), an HF config.json "
                    "or model directory, or a dpo-dist recipe .yaml")
     p.add_argument("--method", choices=METHODS, help="default: the recipe's, else qlora")
     p.add_argument("--stage", help="sft, dpo or pretrain; with a recipe, which of its stages (name or type; "

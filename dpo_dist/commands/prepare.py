@@ -14,7 +14,7 @@ def run(args) -> int:
     from dpo_dist.config.profiles import load_profile
     from dpo_dist.config.recipe import load_recipe
 
-    from dpo_dist.distributed.backends import check_sources
+    from dpo_dist.config.preflight import check_recipe
 
     if args.show < 0:
         from dpo_dist.config.schema import ConfigError
@@ -22,7 +22,7 @@ def run(args) -> int:
         raise ConfigError(f"--show: must be >= 0, got {args.show}")
     recipe = load_recipe(args.recipe, args.overrides)  # ConfigError: exit 2
     load_profile(args.profile)  # checked, so the train command line works as it is; it changes no token
-    check_sources(recipe)
+    check_recipe(recipe)
     try:
         return prepare_recipe(recipe, show=args.show)
     except (DataError, TemplateError, BuildFailed) as err:

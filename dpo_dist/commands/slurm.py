@@ -7,11 +7,16 @@ from dpo_dist.config.schema import ConfigError
 
 
 def _slurm(args) -> int:
+    from dpo_dist.config.profiles import load_profile
+    from dpo_dist.launch.command import preflight
     from dpo_dist.launch.slurm import JobSpec, render, submit
 
     spec = JobSpec(nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition, time=args.time,
                    account=args.account, job_name=args.job_name, master_port=args.master_port, log_dir=args.log_dir,
                    signal_lead_s=args.signal_lead, extra=args.sbatch, resume=args.resume)
+    # launch's preflight, for the whole job: a bad recipe is refused here, not after the job waited in the queue
+    preflight(args.recipe, load_profile(args.profile), args.overrides, args.nodes, args.gpus_per_node,
+              sources=not args.dry_run)
     text = render(args.recipe, args.profile, args.overrides, spec)
     if args.dry_run:
         print(text, end="")

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Callable
 
 from dpo_dist.data.formats import (FORMATS, WARNING_KINDS, BadRow, DataError, RowStream, RowWarning,
                                    count_warnings, describe_warning_counts)
+from dpo_dist.config.preflight import HUB_NAME, hub_unreachable
 from dpo_dist.config.schema import ConfigError
 
 KINDS = tuple(FORMATS)
@@ -158,36 +158,6 @@ def report_lines(check: SourceCheck, max_lines: int | None = None) -> list[str]:
     return [_one_line(line) for line in lines]
 
 
-_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # what a hub repo id looks like (not a path)
-
-
-def _hub_unreachable(timeout: float = 3.0) -> str | None:
-    """Why the Hugging Face hub cannot be reached from here, or None when it can (a TCP connect, bounded in time,
-    so an offline machine is told at once instead of waiting through download retries)."""
-    import socket
-    import threading
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
-        return "HF_HUB_OFFLINE is set"
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    url = urlparse(endpoint)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    result: list[str] = []
-
-    def connect() -> None:
-        try:
-            socket.create_connection((url.hostname, port), timeout=timeout).close()
-            result.append("")
-        except OSError as err:
-            result.append(f"{endpoint} is unreachable ({err.__class__.__name__})")
-
-    worker = threading.Thread(target=connect, daemon=True)  # name resolution has no timeout of its own
-    worker.start()
-    worker.join(timeout + 1)
-    return (result[0] or None) if result else f"{endpoint} did not answer within {timeout:.0f} s"
-
-
 def _local_tokenizer(cfg):
     """``cfg`` pointing at a local copy of its tokenizer: itself for a directory, the hub cache's snapshot for a
     cached hub name; None for a hub name that is not cached."""
@@ -215,8 +185,8 @@ def _load_limits(tokenizer_cfg, template: str | None, out: Callable[[str], None]
     from dpo_dist.training.prepare import template_lines
 
     name = tokenizer_cfg.tokenizer or tokenizer_cfg.name_or_path
-    if _HUB_NAME.fullmatch(name) and not os.path.exists(name):
-        offline = _hub_unreachable()
+    if HUB_NAME.fullmatch(name) and not os.path.exists(name):
+        offline = hub_unreachable()
         if offline is not None:
             local = _local_tokenizer(tokenizer_cfg)
             if local is None:
@@ -264,10 +234,12 @@ def validate_recipe(path: str, overrides: list[str] = (), max_lines: int | None 
                     out: Callable[[str], None] = print, profile: str | None = None) -> int:
     """Check every stage's data.train and data.eval (and, with ``profile``, what training under it would refuse).
     Returns the exit status (0 or 1)."""
-    from dpo_dist.data.render import TemplateError
+    from dpo_dist.config.preflight import check_recipe
     from dpo_dist.config.recipe import load_recipe
+    from dpo_dist.data.render import TemplateError
 
     recipe = load_recipe(path, list(overrides))  # ConfigError propagates: exit 2
+    check_recipe(recipe)  # model and data files, as every command checks them; then the data row by row below
     failed = False
     if profile is not None:
         problem = _check_profile(path, overrides, profile, out)

@@ -201,25 +201,6 @@ def check_run(recipe: Recipe, profile: Profile, launch: Launch, backend: Backend
         _check_zero_file(profile, backend)
 
 
-def check_sources(recipe: Recipe) -> None:
-    """A missing data file or local model directory is refused before a run starts, not after minutes of loading.
-    (Not part of check_run: `dpo-dist launch --dry-run` previews a command where the data is not.)"""
-    from dpo_dist.data.formats import DataError, check_source
-
-    model = recipe.model.name_or_path
-    if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().exists():
-        raise ConfigError(f"model.name_or_path: {model} does not exist; give an existing model directory or a Hugging "
-                          "Face model name such as Qwen/Qwen2.5-7B")
-    for stage in recipe.stages:
-        for key in ("train", "eval"):
-            source = getattr(stage.data, key)
-            if source:
-                try:
-                    check_source(source, stage.stage, stage.data.split)
-                except DataError as err:
-                    raise ConfigError(f"stages.{stage.name}.data.{key}: {err}") from None
-
-
 def _check_zero_file(profile: Profile, backend: Backend) -> None:
     settings = profile.deepspeed_settings() if backend.deepspeed_file is None else _read_json(backend.deepspeed_file)
     source = backend.deepspeed_file or profile.deepspeed_file()

@@ -13,7 +13,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from dpo_dist.distributed.backends import Backend, Launch, check_devices, check_run, check_sources, on_cuda
+from dpo_dist.distributed.backends import Backend, Launch, check_devices, check_run, on_cuda
+from dpo_dist.config.preflight import check_recipe
 from dpo_dist.config.profiles import Profile, gradient_accumulation, load_profile
 from dpo_dist.config.recipe import load_recipe
 from dpo_dist.config.schema import ConfigError
@@ -93,7 +94,7 @@ def write_deepspeed_hostfile(count: int, procs: int) -> Path:
 
 def preflight(recipe_path: str, profile: Profile, overrides: list[str], nodes: int, procs: int | None = None,
               sources: bool = True) -> None:
-    """Refuse up front, in the launching process, what check_run (and, unless `sources` is off, check_sources)
+    """Refuse up front, in the launching process, what check_run (and, unless `sources` is off, check_recipe)
     would refuse on every rank."""
     recipe = load_recipe(recipe_path, overrides)
     world = (procs or profile.num_processes) * nodes
@@ -105,7 +106,7 @@ def preflight(recipe_path: str, profile: Profile, overrides: list[str], nodes: i
     check_run(recipe, profile, launch, backend, cuda=False)  # the GPU checks run again on the ranks themselves
     check_devices(profile, procs or profile.num_processes, 0, on_cuda(profile))  # this node's GPUs, before launching
     if sources:
-        check_sources(recipe)
+        check_recipe(recipe)
     for s in recipe.stages:
         gradient_accumulation(s.train.global_batch_size, profile.micro_batch_size, world, f"stages.{s.name}.train")
 

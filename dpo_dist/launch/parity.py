@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dpo_dist.config.preflight import load_checked
 from dpo_dist.launch.command import launch
 from dpo_dist.config.profiles import load_profile
 from dpo_dist.config.recipe import load_recipe
@@ -146,7 +147,7 @@ def run_parity(recipe_path: str, profiles: list[str], out: Path, overrides: list
     overrides = overrides or []
     if len(profiles) < 2:
         raise ConfigError("--profiles: name at least two profiles to compare")
-    recipe = load_recipe(recipe_path, overrides)
+    recipe = load_checked(recipe_path, overrides)  # model, data and keys, before anything trains
     for p in profiles:
         load_profile(p)  # refuse a bad name before anything runs
     tolerance = (default_tolerance(recipe_path, profiles, overrides) if tolerance is None

@@ -27,6 +27,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dpo_dist.config.resources import recipe_file
 from dpo_dist.config.profiles import load_profile
 from dpo_dist.config.schema import ConfigError
 
@@ -169,7 +170,7 @@ def render(recipe: str, profile_arg: str, overrides: list[str], spec: JobSpec) -
     profile = load_profile(profile_arg)
     script = script_for(profile.launcher)
     procs = spec.gpus_per_node or profile.num_processes
-    recipe_path = str(Path(recipe).resolve())
+    recipe_path = os.path.abspath(recipe_file(recipe))  # a shipped recipe may be named
     log_dir = str(Path(spec.log_dir).resolve())
     name = spec.job_name or f"dpo-dist-{Path(recipe).stem}"
     options = [f"--job-name={name}", f"--nodes={spec.nodes}", "--ntasks-per-node=1", "--exclusive", "--requeue",

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from dpo_dist.config.recipe import MethodConfig, ModelConfig
+from dpo_dist.config.preflight import check_model
 from dpo_dist.config.schema import ConfigError
 from dpo_dist.distributed.devices import bf16_native, pick_attn_implementation
 
@@ -157,8 +158,11 @@ def resolve_base_and_adapter(model: str, adapter: str | None) -> tuple[str, str 
         if not model:
             raise ConfigError(f"{adapter}/adapter_config.json names no base_model_name_or_path; "
                               "give the base as MODEL and the adapter with --adapter")
-    elif adapter and not _is_adapter(adapter):
+        check_model(model, f"{adapter}/adapter_config.json: base_model_name_or_path")
+        return model, adapter
+    if adapter and not _is_adapter(adapter):
         raise ConfigError(f"--adapter {adapter}: no adapter_config.json there; expected a saved LoRA adapter directory")
+    check_model(model, "MODEL")
     return model, adapter
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from dpo_dist.distributed.backends import (Backend, Launch, check_run, check_sources, dynamo_plugin, init_fsdp_state,
+from dpo_dist.config.preflight import check_recipe
+from dpo_dist.distributed.backends import (Backend, Launch, check_run, dynamo_plugin, init_fsdp_state,
                                init_process_group, on_cuda, resolve, trainer_overrides)
 from dpo_dist.config.profiles import Profile, load_profile
 from dpo_dist.config.recipe import Recipe, StageConfig, load_recipe
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         launch = Launch.from_env()
         backend = resolve(profile, launch, args.deepspeed)
         check_run(recipe, profile, launch, backend)
-        check_sources(recipe)
+        check_recipe(recipe)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
