@@ -161,7 +161,7 @@ def sft_dpo_recipe(base, out, tmp_path, **model):
 
 @pytest.mark.e2e
 def test_sft_then_dpo_on_each_family_and_exports_stop_at_the_end_of_turn(family, tmp_path):
-    from dpo_dist.training.export import stop_ids
+    from dpo_dist.models.export import stop_ids
     from dpo_dist.config.profiles import Profile
     from dpo_dist.training.run import run_recipe
 

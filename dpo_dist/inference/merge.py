@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from dpo_dist.training.export import stop_ids, write_generation_config
+from dpo_dist.models.export import stop_ids, write_generation_config
 from dpo_dist.models.loading import DTYPES
 from dpo_dist.config.schema import ConfigError
 

@@ -53,7 +53,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
     from accelerate.utils import is_compiled_module
     from transformers import set_seed
 
-    from dpo_dist.training.export import write_generation_config
+    from dpo_dist.models.export import write_generation_config
     from dpo_dist.inference.merge import merge_adapter
     from dpo_dist.models.loading import adapter_dtype, cast_trainable, load_model, lora_config
     from dpo_dist.training.prepare import data_tokenizer, prepare_stage_data
@@ -156,7 +156,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
         if renderer.template is not None:  # the exported tokenizer renders chats as training did, in any tool
             tokenizer.chat_template = renderer.template.standalone_source()
         tokenizer.save_pretrained(str(output))
-        # ... and its generation config stops where training taught the model to stop (dpo_dist.training.export)
+        # ... and its generation config stops where training taught the model to stop (dpo_dist.models.export)
         eos_ids = write_generation_config(output, base_path, tokenizer, renderer.eot_token,
                                           trust_remote_code=recipe.model.trust_remote_code)
         log(f"[train] {output}: generation stops at token ids {eos_ids} (EOS and end of turn)")

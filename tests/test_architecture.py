@@ -1,0 +1,54 @@
+"""The layers of docs/architecture.md import one way: a module imports dpo_dist modules only from its own layer or
+the layers above it (and the public shims import what they re-export)."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "dpo_dist"
+LAYERS = ["compat", "config", "data", "distributed", "models", "reliability", "inference", "training", "launch",
+          ("planner", "bench", "demo", "commands")]
+ALLOWED = {("config", "data")}  # config names data formats and templates in its errors; data never imports config
+
+
+def _layer(module: str) -> int | None:
+    parts = module.split(".")
+    if len(parts) < 2 or parts[0] != "dpo_dist":
+        return None
+    for i, layer in enumerate(LAYERS):
+        if parts[1] in (layer if isinstance(layer, tuple) else (layer,)):
+            return i
+    return None  # cli, the shims: the top
+
+
+def _imports(path: Path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module
+            if node.module == "dpo_dist":
+                yield from (f"dpo_dist.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+
+
+def test_every_import_goes_up_the_layers():
+    wrong = []
+    for path in sorted(PKG.rglob("*.py")):
+        module = "dpo_dist." + ".".join(path.relative_to(PKG).with_suffix("").parts)
+        own = _layer(module)
+        if own is None:
+            continue
+        for imported in _imports(path):
+            other = _layer(imported)
+            if other is not None and other > own:
+                pair = (module.split(".")[1], imported.split(".")[1])
+                if pair not in ALLOWED:
+                    wrong.append(f"{path.relative_to(PKG.parent)} imports {imported}")
+    assert not wrong, "imports against the layer order of docs/architecture.md:\n" + "\n".join(wrong)
+
+
+def test_the_doc_names_every_module():
+    doc = (PKG.parent / "docs" / "architecture.md").read_text()
+    missing = [str(p.relative_to(PKG)) for p in PKG.rglob("*.py")
+               if p.name != "__init__.py" and p.stem not in doc]
+    assert not missing, f"docs/architecture.md does not name: {missing}"
