@@ -20,10 +20,10 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_wi
 
 @dataclass
 class ModelConfig:
-    name_or_path: str
-    tokenizer: str | None = None  # defaults to name_or_path
-    revision: str | None = None
-    trust_remote_code: bool = False
+    name_or_path: str  # the base model: a Hugging Face model id or a local model directory
+    tokenizer: str | None = None  # a tokenizer id or directory; null = name_or_path
+    revision: str | None = None  # hub branch, tag or commit of name_or_path and tokenizer; null = the default branch
+    trust_remote_code: bool = False  # let transformers run the model repository's own Python code (a warning is shown)
     # Chat template name from dpo_dist.data.templates; null = the tokenizer's own template, else "default".
     template: str | None = None
 
@@ -39,11 +39,13 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
+    # full: train every weight; lora: LoRA adapters on a frozen base; qlora: LoRA adapters on a 4-bit (NF4) base.
     type: Method = "lora"
-    lora_r: int = 64
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    # null = every linear layer except lm_head.
+    lora_r: int = 64  # lora/qlora: the adapters' rank
+    lora_alpha: int = 16  # lora/qlora: the adapters' scale is lora_alpha / lora_r
+    lora_dropout: float = 0.05  # lora/qlora: dropout on the adapters' input
+    # Module names that get adapters (peft's target_modules, e.g. [q_proj, v_proj]); null = every linear layer except
+    # lm_head.
     target_modules: list[str] | None = None
 
     def check(self, where: str) -> None:
@@ -58,9 +60,10 @@ class MethodConfig:
 @dataclass
 class DataConfig:
     train: str  # a .jsonl/.json/.parquet file, a directory (pretrain), or a Hugging Face dataset name
-    eval: str | None = None
-    format: str = "auto"
-    split: str = "train"
+    eval: str | None = None  # evaluation data, the same kinds of source as train; scored every train.eval_steps
+    format: str = "auto"  # the rows' format; auto = detected per file from the first usable row's keys
+    split: str = "train"  # the split read from a Hugging Face dataset (or a saved dataset directory)
+    # A row that cannot be used: error = stop, naming its file:line; skip = leave it out, listed in data_report.json.
     on_bad_row: Literal["error", "skip"] = "error"
     max_rows: int | None = None  # use the first N rows (after validation)
     num_proc: int | None = None  # tokenization processes; null = the cores available (fewer for a small source)
@@ -72,23 +75,27 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    learning_rate: float = 2e-4
+    learning_rate: float = 2e-4  # the peak learning rate (after warmup)
+    # Rows per optimizer step over all processes, whatever the profile: gradient accumulation = global batch /
+    # (micro-batch × processes), and a global batch that does not divide is refused.
     global_batch_size: int = 32
-    num_epochs: float = 1.0
+    num_epochs: float = 1.0  # passes over the training data (may be fractional)
     max_steps: int = -1  # > 0 overrides num_epochs
-    lr_scheduler: str = "cosine"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    lr_scheduler: str = "cosine"  # the learning-rate schedule (transformers' lr_scheduler_type)
+    warmup_steps: int = 0  # steps of linear warmup; > 0 overrides warmup_ratio
+    warmup_ratio: float = 0.0  # warmup as a fraction of the total steps, used when warmup_steps is 0
+    weight_decay: float = 0.0  # the optimizer's weight decay
+    max_grad_norm: float = 1.0  # gradients are clipped to this global norm
+    # transformers' optimizer name (TrainingArguments.optim), e.g. paged_adamw_32bit; a profile's optim overrides it.
     optim: str = "adamw_torch"
+    # Recompute activations in the backward pass (less memory, more compute); a profile's setting overrides it.
     gradient_checkpointing: bool = False
-    fp16: bool = False
-    bf16: bool = False
-    logging_steps: int = 10
-    save_steps: int = 500
-    save_total_limit: int | None = 2
-    eval_steps: int | None = None
+    fp16: bool = False  # fp16 mixed precision (V100); neither fp16 nor bf16 = fp32; a profile's precision overrides
+    bf16: bool = False  # bf16 mixed precision (A100/H100); see fp16
+    logging_steps: int = 10  # write metrics (metrics.jsonl, TensorBoard) every this many optimizer steps
+    save_steps: int = 500  # save a checkpoint every this many optimizer steps
+    save_total_limit: int | None = 2  # complete checkpoints kept (older ones deleted after a save); null = all
+    eval_steps: int | None = None  # evaluate on data.eval every this many steps; null = no evaluation
     # A step whose loss is NaN/inf: stop (naming the step and the last good checkpoint), or skip its update.
     on_nonfinite_loss: Literal["stop", "skip"] = "stop"
     max_nonfinite_skips: int = 10  # with skip: stop once this many steps were skipped
@@ -96,10 +103,10 @@ class TrainConfig:
     # the global batch only, so every profile trains on the same batches (dpo_dist.data.grouping). Not for pretrain.
     group_by_length: bool = True
     group_window: int = 16  # rows are sorted by length within windows of this many global batches
-    # DPO: project only completion tokens through the LM head, in vocabulary tiles of this width
+    # DPO: project only completion tokens through the LM head, in vocabulary tiles of logps_vocab_chunk columns
     # (dpo_dist.training.dpo.logps); false leaves TRL's fused head as it is.
     compact_logps: bool = True
-    logps_vocab_chunk: int = 8192
+    logps_vocab_chunk: int = 8192  # DPO with compact_logps: vocabulary columns per tile of the LM head
     # DPO: run the backbone on the real tokens packed into one row (needs compact_logps). auto = only with flash
     # attention's varlen kernels; true also under SDPA/eager (a dense block-diagonal mask: correct, rarely faster).
     padding_free: bool | Literal["auto"] = "auto"
@@ -110,7 +117,7 @@ class TrainConfig:
     # Compile the model with torch.compile (TrainingArguments.torch_compile). Off by default: the first steps pay
     # the compilation, and each new batch length recompiles (measured in docs/benchmarks.md).
     torch_compile: bool = False
-    torch_compile_backend: str = "inductor"
+    torch_compile_backend: str = "inductor"  # with torch_compile: one of torch.compiler.list_backends()
     torch_compile_mode: str | None = None  # e.g. "reduce-overhead", "max-autotune"; null = the backend's default
 
     def check(self, where: str) -> None:
@@ -154,19 +161,23 @@ class TrainConfig:
 
 @dataclass
 class StageConfig:
-    stage: Stage
-    data: DataConfig
+    stage: Stage  # what this stage trains: pretrain (raw text), sft (conversations) or dpo (preference pairs)
+    data: DataConfig  # this stage's data
+    # This stage's hyperparameters; each key given here overrides the recipe-level train: block's.
     train: TrainConfig = field(default_factory=TrainConfig)
     name: str | None = None  # run-directory name; defaults to the stage type
-    method: MethodConfig | None = None  # overrides the recipe's method for this stage only
+    # Replaces the recipe's method for this stage, whole: a key left out takes its default, not the recipe's value.
+    method: MethodConfig | None = None
+    # Tokens per sequence: SFT rows are cut to it, DPO prompt + response is cut to fit it, pretraining text is
+    # packed into blocks of it.
     max_length: int = 2048
-    # DPO only
+    # DPO: prompt tokens kept (cut from the left, before the responses); null = half of max_length.
     max_prompt_length: int | None = None
-    beta: float = 0.1
-    loss_type: LossType = "sigmoid"
-    label_smoothing: float = 0.0  # robust loss: assumed label-noise rate
-    simpo_gamma: float = 0.5  # simpo loss: target reward margin
-    # Weight of an NLL term on the chosen response added to the preference loss (RPO); keeps the chosen
+    beta: float = 0.1  # DPO: weight of the pull to the reference (higher = stay closer); scales simpo's rewards
+    loss_type: LossType = "sigmoid"  # DPO: the preference loss (sigmoid = the DPO paper's; simpo is reference-free)
+    label_smoothing: float = 0.0  # DPO, robust loss: assumed label-noise rate
+    simpo_gamma: float = 0.5  # DPO, simpo loss: target reward margin
+    # DPO: weight of an NLL term on the chosen response added to the preference loss (RPO); keeps the chosen
     # response's likelihood from falling along with the rejected one's. 0 = plain DPO.
     sft_weight: float = 0.0
 
@@ -207,15 +218,16 @@ class StageConfig:
 
 @dataclass
 class Recipe:
-    name: str
-    model: ModelConfig
-    stages: list[StageConfig]
-    method: MethodConfig = field(default_factory=MethodConfig)
-    seed: int = 42
+    name: str  # the recipe's name; the default output_dir is runs/<name>
+    model: ModelConfig  # the base model every stage starts from (the first stage, when chained)
+    stages: list[StageConfig]  # the stages, run in order; each trains into output_dir/<its name>
+    method: MethodConfig = field(default_factory=MethodConfig)  # how every stage trains, unless it has its own
+    seed: int = 42  # seeds adapter initialisation, data order and length grouping: the same on every profile
     output_dir: str | None = None  # defaults to runs/<name>
     # Each stage starts from the previous stage's result (LoRA adapters merged into a full-precision base).
     chain: bool = True
-    train: dict | None = None  # defaults for every stage's train block (merged before validation)
+    # Defaults for every stage's train: block (TrainConfig keys); a stage's own train: overrides them key by key.
+    train: dict | None = None
 
     def check(self, where: str) -> None:
         if not self.stages:
