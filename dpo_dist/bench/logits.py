@@ -43,6 +43,7 @@ def _trl_logps(hidden, weight, labels):
     from trl.kernels import ChunkedLogProbFunction
 
     try:
+        # compat: trl-bench-chunk-width
         from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
     except ImportError:
         chunk = TRL_CHUNK_SIZE

@@ -62,6 +62,9 @@ class Probe:
     def install(self) -> None:
         from transformers import Trainer
 
+        from dpo_dist import compat
+
+        compat.patch("transformers-trainer-bench-probe")
         probe, init, training_step = self, Trainer.__init__, Trainer.training_step
 
         def patched_init(trainer, *args, **kwargs):
@@ -86,6 +89,7 @@ class Probe:
         """One micro-batch of the first rows through the trainer's collator and training_step; gradients dropped."""
         trainer = self.trainer
         dataset = trainer.train_dataset
+        # compat: transformers-trainer-input-pipeline
         if hasattr(dataset, "column_names"):
             dataset = trainer._remove_unused_columns(dataset, description="warm-up")
         n = min(trainer.args.per_device_train_batch_size, len(dataset))

@@ -224,6 +224,7 @@ def cuda_facts() -> dict:
     driver, smi_gpus = _nvidia_smi()
     available = torch.cuda.is_available()
     source = "nvidia-smi" if driver else None
+    # compat: torch-cuda-driver-version
     if driver is None and available and hasattr(torch._C, "_cuda_getDriverVersion"):
         api = torch._C._cuda_getDriverVersion()  # e.g. 12040: the CUDA version the driver supports, not its release
         driver, source = f"CUDA {api // 1000}.{api % 1000 // 10}", "torch (no nvidia-smi)"

@@ -120,6 +120,7 @@ def attach(dataloader, sampler: GlobalBatchLengthSampler):
     run's SkipBatchSampler wraps that: DataLoaderShard.set_epoch looks two levels down only, so the resumed epoch
     would replay epoch 0's order. accelerate's own set_sampler (what it does for its SeedableRandomSampler) puts the
     sampler where set_epoch looks. tests/test_grouping.py fails without this."""
+    # compat: accelerate-resume-set-epoch
     if hasattr(dataloader, "set_sampler"):
         dataloader.set_sampler(sampler)
     return dataloader
@@ -155,6 +156,7 @@ class LengthGroupedTrainer:
         self._all_tokens = 0
         super().__init__(*args, **kwargs)
 
+    # compat: transformers-trainer-length-sampler
     def _get_train_sampler(self, train_dataset=None):
         if self.length_grouping is None:
             return super()._get_train_sampler(train_dataset)

@@ -314,6 +314,8 @@ def init_fsdp_state(backend: Backend, mixed_precision: str, cuda: bool | None = 
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, TorchDynamoPlugin
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
+    from dpo_dist import compat
+
     if backend.kind != "fsdp":
         return False
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
@@ -321,6 +323,7 @@ def init_fsdp_state(backend: Backend, mixed_precision: str, cuda: bool | None = 
               if half is not None else None)
     plugin = FullyShardedDataParallelPlugin(mixed_precision_policy=policy)
     cpu = not (torch.cuda.is_available() if cuda is None else cuda)
+    compat.patch("accelerate-fsdp-state-first")
     state = AcceleratorState(mixed_precision=mixed_precision, cpu=cpu, fsdp_plugin=plugin,
                              dynamo_plugin=dynamo or TorchDynamoPlugin(), _from_accelerator=True)
     if state.distributed_type == DistributedType.FSDP:
@@ -328,6 +331,7 @@ def init_fsdp_state(backend: Backend, mixed_precision: str, cuda: bool | None = 
     if not cpu or state.distributed_type != DistributedType.MULTI_CPU:
         raise ConfigError(f"FSDP needs a multi-process launch; accelerate reports {state.distributed_type}")
     # Every later AcceleratorState() re-copies PartialState's fields, so both record FSDP.
+    compat.patch("accelerate-fsdp-on-cpu")
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     state.distributed_type = DistributedType.FSDP
     state.fsdp_plugin = plugin
@@ -345,6 +349,7 @@ def trainer_overrides(profile: Profile, backend: Backend, checkpointing: bool, p
         out["gradient_checkpointing_kwargs"] = None
     elif checkpointing:
         # ZeRO-3 frees frozen params during a non-reentrant recompute (DeepSpeed #4332): reentrant there.
+        # compat: deepspeed-zero3-reentrant-checkpointing
         reentrant = backend.kind == "deepspeed" and backend.zero_stage == 3 and peft
         out["gradient_checkpointing_kwargs"] = {"use_reentrant": reentrant}
     return out

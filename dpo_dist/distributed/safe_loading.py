@@ -16,6 +16,8 @@ from __future__ import annotations
 import io
 import pickle
 
+from dpo_dist import compat
+
 
 class UnsafeCheckpoint(pickle.UnpicklingError):
     """A checkpoint file holds a pickled Python object that is not on the allowlist."""
@@ -45,6 +47,7 @@ def harden_deepspeed_loading() -> None:
                 raise _refuse(path, err) from None
 
     load.weights_only = True
+    compat.patch("deepspeed-safe-checkpoint-load")
     TorchCheckpointEngine.load = load
 
 
@@ -99,7 +102,9 @@ def harden_dcp_loading() -> None:
             self.state_dict[read_item.dest_index.fqn] = obj
 
     read_metadata.restricted = True
+    compat.patch("torch-dcp-safe-metadata")
     FileSystemReader.read_metadata = read_metadata
+    compat.patch("torch-dcp-safe-load-bytes")
     DefaultLoadPlanner.load_bytes = load_bytes
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from dpo_dist import compat
 from dpo_dist.models.export import stop_ids, write_generation_config
 from dpo_dist.models.loading import DTYPES
 from dpo_dist.config.schema import ConfigError
@@ -26,6 +27,7 @@ def _zero3_off():
     across ranks (a collective) while only rank 0 merges, and hang. Load it whole, then restore the setting."""
     from transformers.integrations import deepspeed as hf_deepspeed
 
+    compat.patch("transformers-zero3-merge")
     saved = hf_deepspeed._hf_deepspeed_config_weak_ref
     hf_deepspeed.unset_hf_deepspeed_config()
     try:

@@ -126,6 +126,7 @@ def adapter_dtype(precision: str, backend: str = "single") -> torch.dtype:
     bf16: bf16, so FSDP2 (one dtype per sharded layer) and ZeRO-3 (whose coalesced all-gather of persistent
     parameters assumed one dtype, DeepSpeed #8072) see the same dtype as the bf16 base. fp16: fp32 master weights
     for torch's gradient scaler, except under DeepSpeed, which keeps its own fp32 master copy of fp16 weights."""
+    # compat: deepspeed-zero3-adapter-dtype
     if precision == "bf16" or (precision == "fp16" and backend == "deepspeed"):
         return DTYPES[precision]
     return torch.float32

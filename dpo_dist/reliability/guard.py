@@ -279,6 +279,7 @@ class GuardedTrainer:
                 self.guard.skip_available = not getattr(self, "is_deepspeed_enabled", False)
         return super().train(*args, **kwargs)
 
+    # compat: transformers-trainer-staged-checkpoints
     def _get_output_dir(self, trial):
         out = super()._get_output_dir(trial)
         return os.path.join(out, STAGING) if self._staging else out
@@ -311,6 +312,7 @@ class GuardedTrainer:
         step = self.state.global_step + 1  # the step this micro-batch belongs to
         loss = self.guard.faults.poison_loss(out[0] if return_outputs else out, step)
         self.guard.note_loss(loss)
+        # compat: transformers-trainer-loss-guard
         # The Trainer sets sync_gradients before each training_step (transformers 5, Trainer._run_epoch): True on the
         # step's last micro-batch, whose backward comes next and, under DeepSpeed, applies the update.
         if self.accelerator.sync_gradients:

@@ -128,6 +128,7 @@ def save_trained(trainer, out: Path, peft: bool) -> None:
             # (the run's settings are in the run directory's recipe.yaml).
             (out / "training_args.bin").unlink(missing_ok=True)
         return
+    # compat: peft-sharded-adapter-save
     # A sharded FSDP adapter (Trainer.save_model writes nothing for a sharded state dict): gather it alone (not the
     # 4-bit base) from its shards. A full model, on any backend but ZeRO-3: its whole state dict.
     if peft:

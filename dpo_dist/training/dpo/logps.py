@@ -30,6 +30,8 @@ import types
 
 import torch
 
+from dpo_dist import compat
+
 DEFAULT_VOCAB_CHUNK = 8192
 
 
@@ -109,6 +111,7 @@ def use_triton_only_where_it_runs() -> None:
     kernel reads its module-level `_use_triton` at every call (trl 1.16), so this is the one place to decide."""
     from trl.kernels import chunked_logprob
 
+    compat.patch("trl-triton-capability")
     chunked_logprob._use_triton = triton_runs_on
 
 
@@ -199,4 +202,5 @@ def install_compact_head(model, outputs: tuple[str, ...], vocab_chunk: int = DEF
         return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq,
                                    mean_logits=mean_logits, is_top1=is_top1, label_mask=mask, aux_loss=None)
 
+    compat.patch("trl-compact-lm-head")
     model.forward = types.MethodType(_compact_forward, model)

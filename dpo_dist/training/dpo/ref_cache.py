@@ -110,6 +110,7 @@ def model_key(model, precision: str, extra: dict | None = None) -> str:
         "dtype": str(getattr(model, "dtype", None)),
         "quantization": quant,
         "precision": precision,
+        # compat: transformers-config-attn-implementation
         "attn": getattr(config, "_attn_implementation", None),
         "versions": [torch.__version__, transformers.__version__, trl.__version__],
         **(extra or {}),
@@ -237,6 +238,7 @@ class RefLogpsCache:
         main = acc.is_main_process
         guard = getattr(trainer, "guard", None)
         faults = guard.faults if guard is not None else Faults()
+        # compat: transformers-trainer-input-pipeline
         dataset = trainer._remove_unused_columns(trainer.train_dataset, description="reference log-probs")
         collate = trainer.data_collator
         rows = [dataset[i] for i in range(len(dataset))]

@@ -28,6 +28,7 @@ class PretokenizedDPOTrainer(LengthGroupedTrainer, GuardedTrainer, DPOTrainer):
         super().__init__(*args, **kwargs)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        # compat: trl-dpo-pretokenized-rows
         # trl 1.16 re-renders and re-tokenizes every row unconditionally; ours are tokenized with the recipe's
         # template and max_prompt_length (which trl 1.x dropped), so they are used as they are.
         if "prompt_ids" in dataset.column_names:
@@ -35,6 +36,7 @@ class PretokenizedDPOTrainer(LengthGroupedTrainer, GuardedTrainer, DPOTrainer):
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def _compute_loss(self, model, inputs, return_outputs):
+        # compat: trl-dpo-cached-ref-logps
         model_inputs = without_pair_keys(inputs)  # TRL passes the batch's other keys on to the model's forward
         if self.loss_types == ["simpo"]:
             return self._simpo_loss(model, model_inputs)
@@ -65,6 +67,7 @@ class PretokenizedDPOTrainer(LengthGroupedTrainer, GuardedTrainer, DPOTrainer):
         loss = -F.logsigmoid(self.beta * (chosen - rejected) - self.simpo_gamma).mean()
         chosen_rewards, rejected_rewards = (self.beta * chosen).detach(), (self.beta * rejected).detach()
         gather = self.accelerator.gather
+        # compat: trl-dpo-simpo-metrics
         metrics = self._metrics[mode]
         metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
         metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
@@ -116,6 +119,7 @@ def build_dpo_trainer(stage: StageConfig, args: DPOConfig, model, tokenizer, tra
         # The fields TRL's DPOTrainer asks its own head for: log-probs, plus what its metrics (and WPO) read.
         outputs = ("log_probs", "entropy", "mean_logits", "is_top1") + (
             ("log_sum_sq_probs",) if trainer.use_weighting else ())
+        # compat: transformers-config-attn-implementation
         packed = padding_free_for(stage.train.padding_free, getattr(policy.config, "_attn_implementation", None))
         install_compact_head(policy, outputs, stage.train.logps_vocab_chunk, packed)
         if reference is not None:
