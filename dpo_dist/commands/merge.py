@@ -3,16 +3,10 @@ from __future__ import annotations
 
 
 def _merge(args) -> int:
-    from pathlib import Path
-
     from dpo_dist.config.preflight import check_model
-    from dpo_dist.config.schema import ConfigError
     from dpo_dist.inference.merge import describe, merge_adapter
 
     check_model(args.base, "--base")
-    if not Path(args.adapter).exists():
-        raise ConfigError(f"--adapter {args.adapter} does not exist; give an adapter directory, a stage's run directory "
-                          "or a checkpoint")
     out = merge_adapter(args.base, args.adapter, args.out, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                         max_shard_size=args.max_shard_size)
     print(f"merged model written to {out} ({describe(out)}, {args.dtype})")
