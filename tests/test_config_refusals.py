@@ -25,6 +25,7 @@ def base(tmp_path):
     dpo = write_jsonl(tmp_path / "dpo.jsonl", [DPO_ROW] * 8)
     model = tmp_path / "model"
     model.mkdir()
+    (model / "config.json").write_text("{}")  # a model directory, as the preflight expects; no weights are loaded
     return {
         "name": "refusals", "seed": 1, "output_dir": str(tmp_path / "runs"),
         "model": {"name_or_path": str(model), "template": "qwen"},

@@ -131,3 +131,14 @@ def test_library_warnings_stay_off_the_console_unless_verbose(tmp_path):
     assert "qwen" in quiet.stdout and quiet.stdout == loud.stdout
     assert "use_reentrant" not in quiet.stderr
     assert "use_reentrant is deprecated" in loud.stderr
+
+
+def test_a_directory_without_config_json_is_not_a_model(tmp_path):
+    from dpo_dist.config.preflight import check_model
+    from dpo_dist.config.schema import ConfigError
+
+    (tmp_path / "weights").mkdir()
+    with pytest.raises(ConfigError, match=r"^--base: .*weights is a directory without config.json"):
+        check_model(str(tmp_path / "weights"), "--base")
+    (tmp_path / "weights" / "config.json").write_text("{}")
+    check_model(str(tmp_path / "weights"), "--base")
