@@ -18,12 +18,19 @@ CPU_PROFILES = [n for n in profile_names() if load_profile(n).device == "cpu"]
 GPU_PROFILES = [n for n in profile_names() if load_profile(n).device == "gpu"]
 
 
+def _model_dir(path: Path) -> Path:
+    """What the preflight accepts as a model directory (demo.yaml's own, demo-out/base, exists after the demo)."""
+    (path / "config.json").write_text("{}")
+    return path
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One launch each, started together: text with a passing preflight, --json, and a failing preflight."""
     out = tmp_path_factory.mktemp("doctor-out") / "not-yet-created"
+    model = _model_dir(tmp_path_factory.mktemp("doctor-model"))
     commands = {
-        "text": ["doctor", "--recipe", "configs/recipes/demo.yaml", "--profile", "cpu"],
+        "text": ["doctor", "--recipe", "configs/recipes/demo.yaml", "--profile", "cpu", f"model.name_or_path={model}"],
         "json": ["doctor", "--json", "--out", str(out)],
         # demo.yaml pretrains with full parameters, which the QLoRA-only 8-GPU profile refuses
         "fail": ["doctor", "--recipe", "configs/recipes/demo.yaml", "--profile", "8xh100-fsdp-qlora"],
@@ -104,8 +111,9 @@ def test_a_failing_preflight_exits_1_with_one_error_line(runs):
                                                      "stages.pretrain: method full")
 
 
-def test_preflight_verdict_is_launchs_own():
-    assert preflight_verdict("configs/recipes/demo.yaml", "cpu", []) == {
+def test_preflight_verdict_is_launchs_own(tmp_path):
+    model = [f"model.name_or_path={_model_dir(tmp_path)}"]
+    assert preflight_verdict("configs/recipes/demo.yaml", "cpu", model) == {
         "recipe": "configs/recipes/demo.yaml", "profile": "cpu", "ok": True, "error": None}
     bad = preflight_verdict("configs/recipes/demo.yaml", "cpu", ["train.learning_rat=1"])
     assert not bad["ok"] and "learning_rat: unknown key; did you mean" in bad["error"] and "\n" not in bad["error"]
