@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast install clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# The inner loop: every unit-level test; no end-to-end training, no launched ranks (those run in `make test`).
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not e2e and not distributed"
 
 clean:
 	rm -rf $(VENV) demo-out
