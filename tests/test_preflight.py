@@ -67,6 +67,9 @@ def _fill(args, **values):
 @pytest.mark.parametrize("fault", list(FAULTS))
 @pytest.mark.parametrize("command", list(RECIPE_COMMANDS))
 def test_every_recipe_command_refuses_bad_input_in_one_line(command, fault, tmp_path, capsys, monkeypatch):
+    if command == "plan" and fault == "missing data file":
+        pytest.skip("plan reads no data: a run is planned before its data exists (the shipped recipes' data is "
+                    "the user's)")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     change, expected = FAULTS[fault]

@@ -42,13 +42,13 @@ def resolve_model(spec: str) -> tuple[Arch, dict, str]:
 
 
 def _from_recipe(path: Path) -> tuple[Arch, dict, str]:
-    from dpo_dist.config.preflight import check_data, check_model
+    from dpo_dist.config.preflight import check_model, looks_local
     from dpo_dist.config.recipe import load_recipe
 
     recipe = load_recipe(path)
-    check_data(recipe)  # what every command checks of a recipe (dpo_dist.config.preflight)
+    # the keys and the model, as every command checks them; not the data: a run is planned before its data exists
     name = recipe.model.name_or_path
-    if not find_preset(name) and not (path.parent / name / "config.json").is_file():
+    if not find_preset(name) and looks_local(name) and not (path.parent / name / "config.json").is_file():
         check_model(name, "model.name_or_path")  # a missing directory: the one-line error every command gives
     if find_preset(name):
         arch, source = preset_arch(name), f"{path}: model.name_or_path {name} (preset)"

@@ -46,7 +46,7 @@ def hub_unreachable(timeout: float = 3.0) -> str | None:
     return (result[0] or None) if result else f"{endpoint} did not answer within {timeout:.0f} s"
 
 
-def _looks_local(name: str) -> bool:
+def looks_local(name: str) -> bool:
     return (name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or not HUB_NAME.fullmatch(name)
             or ("/" in name and Path(name.split("/")[0]).is_dir()))
 
@@ -88,7 +88,7 @@ def check_model(name: str, key: str, revision: str | None = None) -> None:
             raise ConfigError(f"{key}: {name} is a directory without config.json: give the model's directory (the one "
                               "holding config.json and the weights)")
         return
-    if _looks_local(name):
+    if looks_local(name):
         raise ConfigError(f"{key}: {name} does not exist; give an existing model directory or a Hugging Face model "
                           "name such as Qwen/Qwen2.5-7B")
     if _cached(name, revision):
