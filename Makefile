@@ -26,9 +26,10 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
-# The inner loop: every unit-level test; no end-to-end training, no launched ranks (those run in `make test`).
+# The inner loop, under 3 minutes on 2 CPU cores: every unit-level test; no end-to-end training, no launched ranks,
+# no test marked slow (all of those run in `make test`).
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not e2e and not distributed"
+	$(PY) -m pytest -q -m "not e2e and not distributed and not slow"
 
 clean:
 	rm -rf $(VENV) demo-out

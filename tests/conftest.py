@@ -1,13 +1,17 @@
-"""Shared fixtures: a tiny real-architecture model (Qwen2) with a locally trained tokenizer, built once."""
+"""Shared fixtures: a tiny real-architecture model (Qwen2) with a locally trained tokenizer, built once, and the
+small SFT and DPO data sets the launched runs train on. Plain helpers: tests/helpers.py."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import write_jsonl  # noqa: F401  (the helper used to live here)
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = "kind calm bright quiet gentle warm brave patient honest careful".split()
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +27,15 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DPO_DIST_CACHE", str(tmp_path / "cache"))
 
 
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
-    return path
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    """SFT and DPO files for the launched runs (tests/helpers.py write_recipe). A module may define its own `data`."""
+    d = tmp_path_factory.mktemp("dist-data")
+    # Answers from 1 to 24 words: micro-batches hold very different numbers of completion tokens, so a loss
+    # averaged per micro-batch (instead of per token over the global batch) would break SFT parity.
+    sft = [{"conversation": [{"human": f"Describe animal {i}.",
+                              "assistant": " ".join(WORDS[(i + j) % len(WORDS)] for j in range(1 + (i * 7) % 24))}]}
+           for i in range(96)]
+    dpo = [{"prompt": f"Describe the owl {i}.", "chosen": "It is " + " and ".join(WORDS[: 1 + i % 6]) + ".",
+            "rejected": "It is rude" + " and loud" * (i % 4) + "."} for i in range(96)]
+    return {"sft": str(write_jsonl(d / "sft.jsonl", sft)), "dpo": str(write_jsonl(d / "dpo.jsonl", dpo))}

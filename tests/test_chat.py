@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_jsonl
+from tests.helpers import write_jsonl
 from dpo_dist.cli import main
 
 PROMPT_SHOWN = re.compile(r"--- prompt \((\d+) tokens\) ---\n(.*?)\n--- end of prompt ---", re.S)
@@ -64,6 +64,7 @@ def cli_generate(model, tmp_path, rows, *flags) -> list[dict]:
     return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
 
 
+@pytest.mark.slow
 def test_chat_keeps_the_conversation_and_reset_clears_it(chat_base, tmp_path):
     lines = ["hello there", "what is it", "/reset", "again", "/exit"]
     proc = subprocess.run([sys.executable, "-m", "dpo_dist.cli", "chat", str(chat_base), *GREEDY, "--show-prompt"],
@@ -86,6 +87,7 @@ def test_chat_keeps_the_conversation_and_reset_clears_it(chat_base, tmp_path):
     assert rows[0]["response"] == first_reply
 
 
+@pytest.mark.slow
 def test_chat_streams_to_a_terminal_and_ctrl_c_stops_only_the_reply(chat_base):
     # Each forward pass sleeps 50 ms, so a reply printed only at its end (unflushed, or not streamed) arrives in one
     # read from the terminal, while a streamed one arrives in many, spread over the generation.

@@ -13,7 +13,7 @@ import yaml
 
 from dpo_dist import cli
 from dpo_dist.training import run as train
-from tests.conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 SFT_ROW = {"conversation": [{"human": "Hi", "assistant": "Hello there."}]}
 DPO_ROW = {"prompt": "Hi", "chosen": "Hello there.", "rejected": "Go away."}

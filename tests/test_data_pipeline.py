@@ -22,7 +22,7 @@ from dpo_dist.data import cache
 from dpo_dist.data.formats import DataError, RowStream
 from dpo_dist.data.render import Renderer
 from dpo_dist.data.templates import ChatTemplate, get_template, template_names
-from tests.conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 QUIET = dict(log=lambda *_: None)
@@ -299,6 +299,7 @@ def race(tmp_path: Path, tiny_base: Path, src: Path) -> list[dict]:
     return [json.loads(o.read_text()) for o in outs]
 
 
+@pytest.mark.slow
 def test_two_processes_asking_at_once_tokenize_once_and_the_other_waits_on_the_entry(tiny_base, tmp_path):
     src = _sft_file(tmp_path / "sft.jsonl", 3000)
     results = race(tmp_path, tiny_base, src)
@@ -308,6 +309,7 @@ def test_two_processes_asking_at_once_tokenize_once_and_the_other_waits_on_the_e
     assert any(line.startswith(f"[data] {src}: waiting while rank 0 (pid ") for line in waiter["logs"]), waiter["logs"]
 
 
+@pytest.mark.slow
 def test_when_the_builder_fails_the_waiter_stops_with_its_message(tiny_base, tmp_path):
     src = _sft_file(tmp_path / "sft.jsonl", 3000, bad_last=True)
     results = race(tmp_path, tiny_base, src)

@@ -46,6 +46,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "dpo_dist.cli", *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_train_refuses_a_bad_recipe_before_loading_anything(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: x\nmodel: {name_or_path: nowhere}\nstages:\n  - stage: sft\n    data: {train: a.jsonl}\n"

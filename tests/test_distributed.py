@@ -15,12 +15,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -31,74 +27,10 @@ import yaml
 from dpo_dist.launch.parity import rel_diff, weights_diff
 from dpo_dist.training.dpo import ref_cache
 from dpo_dist.training.common import read_metrics
-from tests.conftest import write_jsonl
+from tests.helpers import BIN, ROOT, free_port, losses, run, summary, write_recipe
 
 pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 LN2 = math.log(2)
-WORDS = "kind calm bright quiet gentle warm brave patient honest careful".split()
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict:
-    d = tmp_path_factory.mktemp("dist-data")
-    # Answers from 1 to 24 words: micro-batches hold very different numbers of completion tokens, so a loss
-    # averaged per micro-batch (instead of per token over the global batch) would break SFT parity.
-    sft = [{"conversation": [{"human": f"Describe animal {i}.",
-                              "assistant": " ".join(WORDS[(i + j) % len(WORDS)] for j in range(1 + (i * 7) % 24))}]}
-           for i in range(96)]
-    dpo = [{"prompt": f"Describe the owl {i}.", "chosen": "It is " + " and ".join(WORDS[: 1 + i % 6]) + ".",
-            "rejected": "It is rude" + " and loud" * (i % 4) + "."} for i in range(96)]
-    return {"sft": str(write_jsonl(d / "sft.jsonl", sft)), "dpo": str(write_jsonl(d / "dpo.jsonl", dpo))}
-
-
-def write_recipe(path: Path, base: Path, data: dict, stages=("sft", "dpo"), chain=False, **train) -> str:
-    stage_list = []
-    for s in stages:
-        entry = {"stage": s, "data": {"train": data[s], "format": "firefly" if s == "sft" else "pair"}, "max_length": 64}
-        if s == "dpo":
-            entry["max_prompt_length"] = 32
-        stage_list.append(entry)
-    recipe = {
-        "name": "dist", "seed": 11, "chain": chain,
-        "model": {"name_or_path": str(base), "template": "qwen"},
-        "method": {"type": "lora", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
-        "train": {"learning_rate": 1e-2, "global_batch_size": 8, "max_steps": 4, "logging_steps": 1,
-                  "save_steps": 100, "lr_scheduler": "constant", "gradient_checkpointing": True, **train},
-        "output_dir": str(path.parent / "runs"),
-        "stages": stage_list,
-    }
-    path.write_text(yaml.safe_dump(recipe))
-    return str(path)
-
-
-def run(cmd: list, env: dict | None = None, expect: int = 0, timeout: int = 900) -> subprocess.CompletedProcess:
-    # Own session: on a timeout the launcher's ranks are killed with it, not left holding ports and CPU.
-    proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True,
-                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(map(str, cmd))}\ntimed out after {timeout} s\n" + "\n".join((out + err).splitlines()[-30:]))
-    proc = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    if (proc.returncode == 0) != (expect == 0):
-        lines = (proc.stdout + proc.stderr).splitlines()
-        errors = [ln for ln in lines if "Error" in ln and "Warning" not in ln][:10]
-        tail = "\n".join(errors + ["..."] + lines[-30:])
-        pytest.fail(f"{' '.join(map(str, cmd))}\nexit {proc.returncode}\n{tail}")
-    return proc
-
-
-def summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
-
-
-def losses(run_dir: Path, key: str = "loss") -> list[float]:
-    return [m[key] for m in read_metrics(run_dir) if "loss" in m]
 
 
 def check_sharded_run(run_dir: Path, backend: str, world: int, micro: int = 2, global_batch: int = 8):
@@ -162,14 +94,20 @@ def test_parity_bf16_qlora_across_fsdp_and_zero3(tiny_base, data, tmp_path):
     assert losses(out / "cpu-zero3-qlora-2" / "dpo")[0] == pytest.approx(LN2, abs=1e-6)
 
 
+def with_port(args: list) -> list:
+    """A launcher command of PLAIN or PROBE with "{port}" replaced by a port that is free now."""
+    port = free_port()
+    return [a.replace("{port}", str(port)) for a in args]
+
+
 # ---- the plain ecosystem commands, full-parameter SFT then DPO (a frozen reference) -----------------------------
 
 PLAIN = {
-    "torchrun-ddp": (["torchrun", "--nproc_per_node=2", "--master_port=29611", "-m", "dpo_dist.train"],
+    "torchrun-ddp": (["torchrun", "--nproc_per_node=2", "--master_port={port}", "-m", "dpo_dist.train"],
                      "cpu-ddp-2", "ddp", []),
     "accelerate-fsdp": (["accelerate", "launch", "--config_file", "configs/accelerate/cpu-fsdp-2.yaml",
-                         "--main_process_port", "29612", "-m", "dpo_dist.train"], "cpu-fsdp-2", "fsdp", []),
-    "deepspeed-zero3": (["deepspeed", "--num_gpus", "2", "--master_port", "29613", "--module", "dpo_dist.train"],
+                         "--main_process_port", "{port}", "-m", "dpo_dist.train"], "cpu-fsdp-2", "fsdp", []),
+    "deepspeed-zero3": (["deepspeed", "--num_gpus", "2", "--master_port", "{port}", "--module", "dpo_dist.train"],
                         "cpu-zero3-2", "deepspeed", ["--deepspeed", "configs/deepspeed/zero3.json"]),
 }
 
@@ -180,7 +118,7 @@ def test_plain_launcher_full_sft_then_dpo(case, tiny_base, data, tmp_path):
 
     launcher, profile, backend, extra = PLAIN[case]
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_base, data, chain=True, max_steps=3)
-    run([BIN / launcher[0], *launcher[1:], recipe, "--profile", profile, "method.type=full", *extra])
+    run([BIN / launcher[0], *with_port(launcher[1:]), recipe, "--profile", profile, "method.type=full", *extra])
     runs = tmp_path / "runs"
     sft, dpo = check_sharded_run(runs / "sft", backend, 2), check_sharded_run(runs / "dpo", backend, 2)
     assert sft["method"] == "full" and dpo["base"] == sft["model_path"] == str(runs / "sft" / "model")
@@ -199,7 +137,7 @@ def test_plain_launcher_full_sft_then_dpo(case, tiny_base, data, tmp_path):
 
 def test_launch_ddp_qlora(tiny_base, data, tmp_path):
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_base, data, max_steps=2)
-    proc = run([BIN / "dpo-dist", "launch", recipe, "--profile", "cpu-ddp-2", "--master-port", "29614",
+    proc = run([BIN / "dpo-dist", "launch", recipe, "--profile", "cpu-ddp-2", "--master-port", free_port(),
                 "method.type=qlora"])
     assert "torchrun" in proc.stdout.splitlines()[0] and "--nproc_per_node=2" in proc.stdout
     for stage in ("sft", "dpo"):
@@ -212,8 +150,8 @@ def test_launch_ddp_qlora(tiny_base, data, tmp_path):
 
 PROBE = {
     "fsdp": (["accelerate", "launch", "--config_file", "configs/accelerate/cpu-fsdp-2.yaml",
-              "--main_process_port", "29615"], "cpu-fsdp-2"),
-    "zero3": (["deepspeed", "--num_gpus", "2", "--master_port", "29616"], "cpu-zero3-2"),
+              "--main_process_port", "{port}"], "cpu-fsdp-2"),
+    "zero3": (["deepspeed", "--num_gpus", "2", "--master_port", "{port}"], "cpu-zero3-2"),
 }
 
 
@@ -225,7 +163,7 @@ def test_sharded_adapter_reloads_with_same_logits_and_merges(case, tiny_base, da
     launcher, profile = PROBE[case]
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_base, data, chain=True, max_steps=3, save_steps=3)
     probe = tmp_path / "probe.pt"
-    run([BIN / launcher[0], *launcher[1:], ROOT / "tests" / "dist_probe.py", recipe, profile, probe])
+    run([BIN / launcher[0], *with_port(launcher[1:]), ROOT / "tests" / "dist_probe.py", recipe, profile, probe])
     runs = tmp_path / "runs"
     got = torch.load(probe)
     ids = got["input_ids"]
@@ -270,11 +208,10 @@ def test_sharded_adapter_reloads_with_same_logits_and_merges(case, tiny_base, da
 
 @pytest.mark.parametrize("profile", ["cpu-fsdp-2", "cpu-zero3-2"])
 def test_kill_and_resume_matches_uninterrupted(profile, tiny_base, data, tmp_path):
-    port = "29617" if profile == "cpu-fsdp-2" else "29618"
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_base, data, stages=("sft",), max_steps=6, save_steps=2,
                           save_total_limit=5)
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    launch = [BIN / "dpo-dist", "launch", recipe, "--profile", profile, "--master-port", port]
+    launch = [BIN / "dpo-dist", "launch", recipe, "--profile", profile, "--master-port", free_port()]
     run([*launch, f"output_dir={whole}"])
     # SIGKILL on rank 1 only, as a lost node would: the whole job must fail fast, not hang on rank 0.
     proc = run([*launch, f"output_dir={broken}"], env={"DPO_DIST_KILL_AT_STEP": "3@1"}, expect=1, timeout=300)
@@ -298,9 +235,8 @@ def test_kill_and_resume_matches_uninterrupted(profile, tiny_base, data, tmp_pat
 def test_ref_logps_cache_filled_under_sharding_matches_the_inline_reference(profile, tiny_base, data, tmp_path):
     """The pass runs on the model as FSDP2 / ZeRO-3 prepared it (each rank a share of the pairs, forwards in step);
     the run then trains as with the reference forward in every step, and a second run reads every pair back."""
-    port = "29621" if profile == "cpu-fsdp-2" else "29622"
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_base, data, stages=("dpo",))
-    launch = [BIN / "dpo-dist", "launch", recipe, "--profile", profile, "--master-port", port]
+    launch = [BIN / "dpo-dist", "launch", recipe, "--profile", profile, "--master-port", free_port()]
     cache = {"DPO_DIST_CACHE": str(tmp_path / "cache")}
     run([*launch, f"output_dir={tmp_path / 'inline'}", "train.ref_logps_cache=false"], env=cache)
     run([*launch, f"output_dir={tmp_path / 'first'}"], env=cache)
@@ -332,7 +268,7 @@ def test_tokenizing_longer_than_the_collective_timeout_does_not_fail_the_run(tin
     sft = tmp_path / "sft.jsonl"
     write_file(sft, "sft", 20000, seed=0)  # multi-turn Firefly rows: well over 5 s to tokenize on 2 cores
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_base, {"sft": str(sft)}, stages=("sft",), max_steps=2)
-    proc = run([BIN / "dpo-dist", "launch", recipe, "--profile", profile_path, "--master-port", "29623",
+    proc = run([BIN / "dpo-dist", "launch", recipe, "--profile", profile_path, "--master-port", free_port(),
                 "stages.0.max_length=256", "stages.0.data.on_bad_row=skip"],  # rows past max_length: named, left out
                env={"DPO_DIST_CACHE": str(tmp_path / "cache")})
     report = json.loads((tmp_path / "runs" / "sft" / "data_report.json").read_text())["train"]
@@ -351,7 +287,7 @@ def test_fsdp_ranks_refuse_a_bitsandbytes_optimizer_before_loading(tiny_base, da
     # line naming the key and the alternative, no traceback, before any weights load.
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_base, data, stages=("sft",), max_steps=1)
     proc = run([BIN / "accelerate", "launch", "--config_file", "configs/accelerate/cpu-fsdp-2.yaml",
-                "--main_process_port", "29618", "-m", "dpo_dist.train", recipe, "--profile", "cpu-fsdp-2",
+                "--main_process_port", free_port(), "-m", "dpo_dist.train", recipe, "--profile", "cpu-fsdp-2",
                 "train.optim=paged_adamw_32bit"], expect=2)
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert errors and all(ln == errors[0] for ln in errors), proc.stderr[-2000:]  # the same line from each rank
@@ -366,7 +302,7 @@ def test_the_bitsandbytes_refusal_is_still_needed(tmp_path):
     # Why the refusal above exists, on a real 1-rank FSDP2 group over gloo: bitsandbytes' optimizer cannot step
     # DTensor parameters. When a bitsandbytes release can, this fails: lift the refusal (BITSANDBYTES_OPTIMIZERS).
     out = tmp_path / "bnb.json"
-    run([BIN / "torchrun", "--nproc_per_node=1", "--master_port=29620", "-m", "dpo_dist.bench.gpu_check",
+    run([BIN / "torchrun", "--nproc_per_node=1", f"--master_port={free_port()}", "-m", "dpo_dist.bench.gpu_check",
          "bnb-fsdp2", "--device", "cpu", "--out", out])
     result = json.loads(out.read_text())
     assert result["verdict"] == "refusal still needed", result
@@ -380,7 +316,7 @@ def test_fsdp_keeps_torch_compile(tiny_base, data, tmp_path):
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_base, data, stages=("sft",), max_steps=2,
                           torch_compile=True, torch_compile_backend="eager", gradient_checkpointing=False)
     run([BIN / "accelerate", "launch", "--config_file", "configs/accelerate/cpu-fsdp-2.yaml",
-         "--main_process_port", "29619", "-m", "dpo_dist.train", recipe, "--profile", "cpu-fsdp-2"])
+         "--main_process_port", free_port(), "-m", "dpo_dist.train", recipe, "--profile", "cpu-fsdp-2"])
     s = check_sharded_run(tmp_path / "runs" / "sft", "fsdp", 2)
     assert s["compiled"] is True and s["global_step"] == 2
     assert all(math.isfinite(x) for x in losses(tmp_path / "runs" / "sft"))

@@ -48,6 +48,7 @@ def facts(runs):
     return json.loads(runs["json"]["stdout"])  # stdout is the JSON object alone
 
 
+@pytest.mark.slow
 def test_json_reports_this_machine(facts, runs):
     import torch
 
@@ -64,6 +65,7 @@ def test_json_reports_this_machine(facts, runs):
     assert facts["elapsed_s"] < 60
 
 
+@pytest.mark.slow
 def test_the_4bit_check_really_ran(facts):
     bnb = facts["bnb_4bit"]
     assert bnb["ran"] and bnb["ok"], bnb
@@ -71,6 +73,7 @@ def test_the_4bit_check_really_ran(facts):
     assert bnb["matmul_error_pct"] < 2
 
 
+@pytest.mark.slow
 def test_profiles_on_this_machine(facts):
     rows = {p["name"]: p for p in facts["profiles"]}
     assert sorted(rows) == profile_names()
@@ -85,6 +88,7 @@ def test_profiles_on_this_machine(facts):
         assert sorted(no_gpu["rules_out"]) == sorted(GPU_PROFILES)
 
 
+@pytest.mark.slow
 def test_text_screen(runs):
     import torch
 
@@ -101,6 +105,7 @@ def test_text_screen(runs):
     assert lines[-1] == "preflight configs/recipes/demo.yaml --profile cpu: ok"
 
 
+@pytest.mark.slow
 def test_a_failing_preflight_exits_1_with_one_error_line(runs):
     run = runs["fail"]
     assert run["rc"] == 1

@@ -13,7 +13,7 @@ from dpo_dist.models.loading import load_model, lora_config
 from dpo_dist.config.profiles import Profile
 from dpo_dist.config.recipe import DataConfig, MethodConfig, ModelConfig, StageConfig, TrainConfig
 from dpo_dist.training.dpo.trainer import build_dpo_trainer, dpo_args
-from tests.conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 pytestmark = pytest.mark.e2e
 

@@ -13,7 +13,7 @@ from dpo_dist.config.profiles import Profile
 from dpo_dist.config.recipe import recipe_from_dict
 from dpo_dist.training.common import read_metrics
 from dpo_dist.training.run import run_recipe
-from tests.conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 pytestmark = pytest.mark.e2e
 PROFILE = Profile(name="test", micro_batch_size=2, precision="fp32", attn_implementation="sdpa")

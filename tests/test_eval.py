@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo_dist.cli import main
-from tests.conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"  # qwen's default system turn
 

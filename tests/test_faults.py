@@ -14,7 +14,6 @@ weights and a hung rank. Each case checks what the run says, what is left on dis
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
@@ -30,15 +29,14 @@ from dpo_dist.reliability.checkpoints import COMPLETE, STAGING, commit_checkpoin
 from dpo_dist.reliability.faults import Faults, parse_faults
 from dpo_dist.launch.parity import rel_diff, weights_diff
 from dpo_dist.config.profiles import LAUNCH_DIR
-from tests.test_distributed import BIN, data, losses, run, write_recipe  # noqa: F401  (data is a fixture)
-from tests.test_preemption import steps
+from tests.helpers import BIN, free_port, host_reads, losses, run, steps, write_recipe
 
 
-def launch(recipe, profile, port):
-    return [BIN / "dpo-dist", "launch", recipe, "--profile", profile, "--master-port", port]
+def launch(recipe, profile):
+    return [BIN / "dpo-dist", "launch", recipe, "--profile", profile, "--master-port", free_port()]
 
 
-def sft_recipe(tmp_path, tiny_base, data, **train):  # noqa: F811
+def sft_recipe(tmp_path, tiny_base, data, **train):
     train = {"max_steps": 6, "save_steps": 2, "save_total_limit": 5, **train}
     return write_recipe(tmp_path / "recipe.yaml", tiny_base, data, stages=("sft",), **train)
 
@@ -95,32 +93,6 @@ def _files(root):
 
 
 # ---- unit: the guard's decisions on one process -------------------------------------------------------------------
-
-HOST_READS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist")
-
-
-@contextlib.contextmanager
-def host_reads():
-    """Records every read of a tensor's value on the host (on a GPU, each one waits for the device: a sync)."""
-    import torch
-
-    seen = []
-    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-
-    def recorder(name):
-        def read(self, *a, **k):
-            seen.append(name)
-            return saved[name](self, *a, **k)
-        return read
-
-    for name in HOST_READS:
-        setattr(torch.Tensor, name, recorder(name))
-    try:
-        yield seen
-    finally:
-        for name, method in saved.items():
-            setattr(torch.Tensor, name, method)
-
 
 def _count_asks(monkeypatch) -> list[str]:
     """Counts the guard's any_rank calls (its collectives), by the Guard method that made them."""
@@ -283,9 +255,9 @@ def test_write_failures_are_recognised_and_others_are_not(tmp_path):
 
 @pytest.mark.e2e
 @pytest.mark.distributed
-def test_crash_while_saving_keeps_the_previous_checkpoint_and_resume_is_exact(tiny_base, data, tmp_path):  # noqa: F811
+def test_crash_while_saving_keeps_the_previous_checkpoint_and_resume_is_exact(tiny_base, data, tmp_path):
     recipe = sft_recipe(tmp_path, tiny_base, data)
-    cmd = launch(recipe, "cpu-fsdp-2", "29612")
+    cmd = launch(recipe, "cpu-fsdp-2")
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     run([*cmd, f"output_dir={whole}"])
     proc = run([*cmd, f"output_dir={broken}"], env={"DPO_DIST_FAULT": "save-kill@4:1"}, expect=1)
@@ -311,9 +283,9 @@ def test_crash_while_saving_keeps_the_previous_checkpoint_and_resume_is_exact(ti
 
 @pytest.mark.e2e
 @pytest.mark.distributed
-def test_full_disk_while_saving_is_one_clear_error(tiny_base, data, tmp_path):  # noqa: F811
+def test_full_disk_while_saving_is_one_clear_error(tiny_base, data, tmp_path):
     recipe = sft_recipe(tmp_path, tiny_base, data, save_total_limit=1)
-    proc = run(launch(recipe, "cpu-ddp-2", "29613"), env={"DPO_DIST_FAULT": "save-enospc@4:0"}, expect=1)
+    proc = run(launch(recipe, "cpu-ddp-2"), env={"DPO_DIST_FAULT": "save-enospc@4:0"}, expect=1)
     sft = tmp_path / "runs" / "sft"
     errors = error_lines(proc)
     assert errors, output(proc)[-3000:]
@@ -325,7 +297,7 @@ def test_full_disk_while_saving_is_one_clear_error(tiny_base, data, tmp_path):  
     assert checkpoints(sft) == ["checkpoint-2"] and (sft / "checkpoints" / "checkpoint-2" / COMPLETE).is_file()
     assert not (sft / "adapter").exists()
     # the partial checkpoint stays in .staging (never resumed from) until the next start removes it
-    proc = run(launch(recipe, "cpu-ddp-2", "29613") + ["--resume"])
+    proc = run(launch(recipe, "cpu-ddp-2") + ["--resume"])
     assert "a partial checkpoint left by a save that never finished" in output(proc)
     assert f"resuming sft from {sft / 'checkpoints' / 'checkpoint-2'}" in output(proc)
     assert steps(sft) == [1, 2, 3, 4, 5, 6] and checkpoints(sft) == ["checkpoint-6"]  # save_total_limit 1
@@ -335,9 +307,9 @@ def test_full_disk_while_saving_is_one_clear_error(tiny_base, data, tmp_path):  
 
 @pytest.mark.e2e
 @pytest.mark.distributed
-def test_nan_loss_on_one_rank_stops_both_naming_step_and_last_good_checkpoint(tiny_base, data, tmp_path):  # noqa: F811
+def test_nan_loss_on_one_rank_stops_both_naming_step_and_last_good_checkpoint(tiny_base, data, tmp_path):
     recipe = sft_recipe(tmp_path, tiny_base, data)
-    proc = run(launch(recipe, "cpu-ddp-2", "29614"), env={"DPO_DIST_FAULT": "nan-loss@3:1"}, expect=1)
+    proc = run(launch(recipe, "cpu-ddp-2"), env={"DPO_DIST_FAULT": "nan-loss@3:1"}, expect=1)
     sft = tmp_path / "runs" / "sft"
     last_good = sft / "checkpoints" / "checkpoint-2"
     errors = error_lines(proc)
@@ -353,9 +325,9 @@ def test_nan_loss_on_one_rank_stops_both_naming_step_and_last_good_checkpoint(ti
 
 @pytest.mark.e2e
 @pytest.mark.distributed
-def test_nan_loss_skip_drops_that_update_on_both_ranks(tiny_base, data, tmp_path):  # noqa: F811
+def test_nan_loss_skip_drops_that_update_on_both_ranks(tiny_base, data, tmp_path):
     recipe = sft_recipe(tmp_path, tiny_base, data, on_nonfinite_loss="skip", save_steps=100)
-    proc = run(launch(recipe, "cpu-fsdp-2", "29615"), env={"DPO_DIST_FAULT": "nan-loss@3:1"})
+    proc = run(launch(recipe, "cpu-fsdp-2"), env={"DPO_DIST_FAULT": "nan-loss@3:1"})
     sft = tmp_path / "runs" / "sft"
     assert "sft step 3: rank 0: another rank saw a non-finite loss; skipping this step's update" in output(proc)
     summary = json.loads((sft / "summary.json").read_text())
@@ -366,7 +338,7 @@ def test_nan_loss_skip_drops_that_update_on_both_ranks(tiny_base, data, tmp_path
     assert len(logged) == 6  # every step logged a finite loss (the Trainer logs the running mean for step 3)
 
 
-def _accumulating_run(tmp_path, tiny_base, data, monkeypatch, bad: int, **train):  # noqa: F811
+def _accumulating_run(tmp_path, tiny_base, data, monkeypatch, bad: int, **train):
     """One process, micro-batch 1 × accumulation 4, 3 steps; only micro-batch `bad` (1..4) of step 2 has a NaN loss.
     Returns (what it saw, the exception or None)."""
     from accelerate import Accelerator
@@ -417,7 +389,7 @@ def _same(a: dict, b: dict) -> bool:
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("bad", [1, 4], ids=["first-micro-batch", "last-micro-batch"])
-def test_nan_in_one_micro_batch_stops_before_the_update_with_one_check_per_step(tiny_base, data, tmp_path,  # noqa: F811
+def test_nan_in_one_micro_batch_stops_before_the_update_with_one_check_per_step(tiny_base, data, tmp_path,
                                                                                 monkeypatch, bad):
     from dpo_dist.reliability.guard import NonFiniteLoss
 
@@ -435,7 +407,7 @@ def test_nan_in_one_micro_batch_stops_before_the_update_with_one_check_per_step(
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("bad", [1, 4], ids=["first-micro-batch", "last-micro-batch"])
-def test_nan_in_one_micro_batch_skips_the_whole_step_with_one_check_per_step(tiny_base, data, tmp_path,  # noqa: F811
+def test_nan_in_one_micro_batch_skips_the_whole_step_with_one_check_per_step(tiny_base, data, tmp_path,
                                                                              monkeypatch, bad):
     seen, err = _accumulating_run(tmp_path, tiny_base, data, monkeypatch, bad, on_nonfinite_loss="skip")
     assert err is None, err
@@ -448,7 +420,7 @@ def test_nan_in_one_micro_batch_skips_the_whole_step_with_one_check_per_step(tin
 
 
 @pytest.mark.e2e
-def test_nan_weights_are_never_saved(tiny_base, data, tmp_path):  # noqa: F811
+def test_nan_weights_are_never_saved(tiny_base, data, tmp_path):
     recipe = sft_recipe(tmp_path, tiny_base, data)
     proc = run([sys.executable, "-m", "dpo_dist.train", recipe, "--profile", "cpu"],
                env={"DPO_DIST_FAULT": "nan-weights@2"}, expect=1)
@@ -464,14 +436,14 @@ def test_nan_weights_are_never_saved(tiny_base, data, tmp_path):  # noqa: F811
 
 @pytest.mark.e2e
 @pytest.mark.distributed
-def test_hung_rank_times_out_with_a_useful_message(tiny_base, data, tmp_path):  # noqa: F811
+def test_hung_rank_times_out_with_a_useful_message(tiny_base, data, tmp_path):
     profile = yaml.safe_load((LAUNCH_DIR / "cpu-ddp-2.yaml").read_text())
     profile["collective_timeout_s"] = 15
     path = tmp_path / "cpu-ddp-2-short-timeout.yaml"
     path.write_text(yaml.safe_dump(profile))
     recipe = sft_recipe(tmp_path, tiny_base, data, save_steps=100)
     started = time.time()
-    proc = run(launch(recipe, str(path), "29616"), env={"DPO_DIST_FAULT": "hang@2:1"}, expect=1, timeout=300)
+    proc = run(launch(recipe, str(path)), env={"DPO_DIST_FAULT": "hang@2:1"}, expect=1, timeout=300)
     took = time.time() - started
     hung_at = float(re.search(r"\[fault\] rank 1: hanging at the end of step 2 \(t=([\d.]+)\)", output(proc))[1])
     errors = error_lines(proc)

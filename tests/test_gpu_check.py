@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from dpo_dist.bench import gpu_check
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu-check.sh"
@@ -26,6 +28,7 @@ def _module(*args) -> list[str]:
     return [PY, "-m", "dpo_dist.bench.gpu_check", *args]
 
 
+@pytest.mark.slow
 def test_dry_run_checks_everything_and_prints_the_plan(tmp_path):
     proc = _script("--dry-run", "--out", str(tmp_path / "out"), "--python", PY)
     out = proc.stdout
@@ -77,21 +80,16 @@ def test_without_a_gpu_it_refuses_at_once_pointing_at_dry_run(tmp_path):
     assert not out.exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _head_args(out: Path):
     return gpu_check.build_parser().parse_args(["compact-head", "--device", "cpu", "--out", str(out)])
 
 
+@pytest.mark.distributed
 def test_cpu_modes_of_the_compact_head_and_nf4_steps_run_and_pass(tmp_path, monkeypatch):
     # NF4 on a real 1-rank gloo group started by torchrun, while the compact head runs here (both mostly import).
     nf4_out = tmp_path / "nf4.json"
     nf4 = subprocess.Popen([str(Path(PY).parent / "torchrun"), "--nproc_per_node=1", "--nnodes=1",
-                            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "dpo_dist.bench.gpu_check",
+                            "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "dpo_dist.bench.gpu_check",
                             "nf4-fsdp2", "--device", "cpu", "--out", str(nf4_out), "--work", str(tmp_path / "work")],
                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)

@@ -143,7 +143,7 @@ def test_pad_count_stays_on_the_device_until_it_is_reported():
 
     import torch
 
-    from tests.test_faults import host_reads
+    from tests.helpers import host_reads
 
     class Base:
         def training_step(self, model, inputs, *args, **kwargs):
@@ -192,7 +192,7 @@ def test_training_with_grouping_pads_less_than_without(tiny_base, tmp_path, monk
     from dpo_dist.config.profiles import Profile
     from dpo_dist.reliability.guard import GuardedTrainer
     from dpo_dist.training.run import run_recipe
-    from tests.conftest import write_jsonl
+    from tests.helpers import write_jsonl
 
     rng = random.Random(0)
     rows = []

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
-from dpo_dist.data.render import Renderer
-from dpo_dist.data.tokenize import prepare_dataset
-from dpo_dist.models.loading import load_model, lora_config
-from dpo_dist.config.profiles import Profile
-from dpo_dist.config.recipe import ConfigError, DataConfig, MethodConfig, ModelConfig, StageConfig, TrainConfig
+from dpo_dist.config.recipe import ConfigError, TrainConfig
 from dpo_dist.training.dpo import logps as logps_mod
-from dpo_dist.training.dpo.trainer import build_dpo_trainer, dpo_args
-from tests.conftest import write_jsonl
+from tests.helpers import KernelSpy, dpo_trainer, perturb, train_step
 
 ALL = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
@@ -60,25 +54,6 @@ def test_completion_logps_equal_the_materialized_logits(chunk):
     assert log_probs[2].abs().sum() == 0 and grad_h[2].abs().sum() == 0  # the empty row: zeros, no gradient
 
 
-class KernelSpy:
-    """Records the tokens each call of the log-prob kernel scores. Only dpo-dist's path looks the kernel up at call
-    time; TRL's own head holds its own reference, so its calls are not seen."""
-
-    def __init__(self, monkeypatch):
-        from trl.kernels import ChunkedLogProbFunction as kernel
-
-        self.calls: list[int] = []
-        calls = self.calls
-
-        class Spy:
-            @staticmethod
-            def apply(hidden, *args):
-                calls.append(hidden.shape[0])
-                return kernel.apply(hidden, *args)
-
-        monkeypatch.setattr("trl.kernels.ChunkedLogProbFunction", Spy)
-
-
 def test_only_completion_positions_reach_the_kernel(monkeypatch):
     h, w, b, labels = _inputs()
     spy = KernelSpy(monkeypatch)
@@ -89,46 +64,6 @@ def test_only_completion_positions_reach_the_kernel(monkeypatch):
 # ---- in the DPO trainer ----------------------------------------------------------------------------------------------
 
 
-def _trainer(tiny_base, tmp_path, compact: bool, method: str = "lora", chunk: int = 100, ref_cache: bool = False,
-             padding_free=False, attn: str = "sdpa"):
-    src = write_jsonl(tmp_path / "dpo.jsonl", [
-        {"prompt": "Describe the owl." + " And the fox." * (3 * (i % 4)) + f" Owl {i}?", "chosen": "It is calm." * (1 + i % 2),
-         "rejected": "It is rude."} for i in range(8)])
-    tok = AutoTokenizer.from_pretrained(tiny_base)
-    ds = prepare_dataset("dpo", str(src), tok, Renderer(tok, "qwen"), max_length=128, log=lambda *_: None).dataset
-    stage = StageConfig(stage="dpo", data=DataConfig(train=str(src)), max_length=128, sft_weight=0.5,
-                        train=TrainConfig(learning_rate=1e-2, global_batch_size=4, max_steps=2, logging_steps=1,
-                                          save_steps=100, lr_scheduler="constant", compact_logps=compact,
-                                          logps_vocab_chunk=chunk, ref_logps_cache=ref_cache,
-                                          padding_free=padding_free))
-    stage.check("stages[0]")
-    torch.manual_seed(0)
-    model = load_model(ModelConfig(name_or_path=str(tiny_base)), method, "fp32", attn)
-    peft = lora_config(MethodConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0)) if method != "full" else None
-    profile = Profile(name="t", micro_batch_size=4, precision="fp32", attn_implementation=attn)
-    args = dpo_args(stage, profile, tmp_path / f"run-{compact}", 0, 1)
-    return build_dpo_trainer(stage, args, model, tok, ds, None, peft, [])
-
-
-def perturb(trainer) -> None:
-    """Move the policy off the reference (the same way every time), so that rewards are not all zero."""
-    with torch.no_grad():
-        for name, p in trainer.model.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.02)
-
-
-def train_step(trainer, rows=(0, 1, 2, 3), backward: bool = True):
-    """compute_loss (and backward) on the given training rows: (loss, gradients, last logged metrics, batch)."""
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in rows])
-    trainer.model.train()
-    loss = trainer.compute_loss(trainer.model, batch)
-    if backward:
-        loss.backward()
-    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-    return loss.item(), grads, {k: v[-1] for k, v in trainer._metrics["train"].items() if v}, batch
-
-
 @pytest.mark.e2e
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_compact_head_gives_trls_loss_metrics_and_gradients(tiny_base, tmp_path, method, monkeypatch):
@@ -136,7 +71,7 @@ def test_compact_head_gives_trls_loss_metrics_and_gradients(tiny_base, tmp_path,
     results = {}
     for compact in (True, False):
         spy.calls.clear()
-        trainer = _trainer(tiny_base, tmp_path, compact, method)
+        trainer = dpo_trainer(tiny_base, tmp_path, compact, method)
         perturb(trainer)
         loss, grads, metrics, batch = train_step(trainer)
         results[compact] = (loss, grads, metrics)
@@ -159,7 +94,7 @@ def test_compact_head_gives_trls_loss_metrics_and_gradients(tiny_base, tmp_path,
 def test_padding_free_rows_give_the_padded_loss_metrics_and_gradients(tiny_base, tmp_path, attn):
     results = {}
     for packed in (True, False):
-        trainer = _trainer(tiny_base, tmp_path, True, padding_free=packed, attn=attn)
+        trainer = dpo_trainer(tiny_base, tmp_path, True, padding_free=packed, attn=attn)
         backbone = trainer.model.get_base_model().model
         shapes, bounds = [], []
         hook = backbone.register_forward_pre_hook(lambda _m, _a, kw: shapes.append(tuple(kw["input_ids"].shape)),

@@ -91,6 +91,7 @@ def test_bad_input_names_the_path(tmp_path):
         plot_runs([run])
 
 
+@pytest.mark.slow
 def test_command_line(tmp_path):
     write_run(tmp_path / "runs" / "sft", "sft")
     write_run(tmp_path / "runs" / "dpo", "dpo")

@@ -9,12 +9,7 @@ import pytest
 from dpo_dist.reliability.checkpoints import COMPLETE, latest_complete
 from dpo_dist.launch.parity import rel_diff, weights_diff
 from dpo_dist.reliability.faults import KillAtStep
-from dpo_dist.training.common import read_metrics
-from tests.test_distributed import BIN, data, losses, run, write_recipe  # noqa: F401  (data is a fixture)
-
-
-def steps(run_dir):
-    return [m["step"] for m in read_metrics(run_dir) if "loss" in m]
+from tests.helpers import BIN, free_port, losses, run, steps, write_recipe
 
 
 def test_latest_complete_skips_a_checkpoint_without_its_marker(tmp_path):
@@ -54,7 +49,8 @@ def _stop_then_resume(recipe, tmp_path, launch, env):
     return broken
 
 
-def test_usr1_checkpoints_stops_cleanly_and_resume_matches(tiny_base, data, tmp_path):  # noqa: F811
+@pytest.mark.e2e
+def test_usr1_checkpoints_stops_cleanly_and_resume_matches(tiny_base, data, tmp_path):
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_base, data, max_steps=6, save_steps=100)
     launch = [sys.executable, "-m", "dpo_dist.train", recipe, "--profile", "cpu"]
     broken = _stop_then_resume(recipe, tmp_path, launch, {"DPO_DIST_KILL_AT_STEP": "3:USR1"})
@@ -67,13 +63,14 @@ def test_usr1_checkpoints_stops_cleanly_and_resume_matches(tiny_base, data, tmp_
 
 @pytest.mark.e2e
 @pytest.mark.distributed
-def test_term_on_one_rank_stops_both_ranks_at_the_same_step(tiny_base, data, tmp_path):  # noqa: F811
+def test_term_on_one_rank_stops_both_ranks_at_the_same_step(tiny_base, data, tmp_path):
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_base, data, stages=("sft",), max_steps=6, save_steps=100)
-    launch = [BIN / "dpo-dist", "launch", recipe, "--profile", "cpu-fsdp-2", "--master-port", "29619"]
+    launch = [BIN / "dpo-dist", "launch", recipe, "--profile", "cpu-fsdp-2", "--master-port", free_port()]
     _stop_then_resume(recipe, tmp_path, launch, {"DPO_DIST_KILL_AT_STEP": "3:TERM@1"})
 
 
-def test_a_stop_file_present_at_start_stops_after_the_first_step(tiny_base, data, tmp_path):  # noqa: F811
+@pytest.mark.e2e
+def test_a_stop_file_present_at_start_stops_after_the_first_step(tiny_base, data, tmp_path):
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_base, data, stages=("sft",), max_steps=6, save_steps=100)
     stop = tmp_path / "stop"
     stop.write_text("")

@@ -13,7 +13,7 @@ import pytest
 
 from dpo_dist.data import tokenize as tk
 from dpo_dist.data.render import Renderer
-from tests.conftest import write_jsonl
+from tests.helpers import write_jsonl
 from tests.family_tokenizers import FAMILIES, FAMILY_FACTS, build_family_model
 
 # What training picks for each family's own tokenizer, with no model.template.

@@ -15,7 +15,7 @@ import torch
 
 from dpo_dist.config.recipe import ConfigError, TrainConfig
 from dpo_dist.training.dpo import ref_cache
-from tests.test_logps import KernelSpy, _trainer, perturb, train_step
+from tests.helpers import KernelSpy, dpo_trainer, perturb, train_step
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +27,7 @@ def cached_pairs(path: Path) -> dict:
 
 
 def test_pair_keys_ignore_padding_and_see_every_token(tiny_base, tmp_path):
-    trainer = _trainer(tiny_base, tmp_path, compact=True)
+    trainer = dpo_trainer(tiny_base, tmp_path, compact=True)
     ds, collate = trainer.train_dataset, trainer.data_collator
     alone = [ref_cache.pair_keys(collate([ds[i]]))[0] for i in range(len(ds))]
     together = ref_cache.pair_keys(collate([ds[i] for i in range(len(ds))]))  # padded to the longest
@@ -45,12 +45,12 @@ def test_pair_keys_ignore_padding_and_see_every_token(tiny_base, tmp_path):
 def test_cached_reference_gives_the_inline_loss_without_a_reference_forward(tiny_base, tmp_path, method,
                                                                             monkeypatch):
     spy = KernelSpy(monkeypatch)
-    inline = _trainer(tiny_base, tmp_path, compact=True, method=method, ref_cache=False)
+    inline = dpo_trainer(tiny_base, tmp_path, compact=True, method=method, ref_cache=False)
     perturb(inline)
     want_loss, _, want, _ = train_step(inline, backward=False)
     assert len(spy.calls) == 2  # policy + reference
 
-    cached = _trainer(tiny_base, tmp_path, compact=True, method=method, ref_cache=True)
+    cached = dpo_trainer(tiny_base, tmp_path, compact=True, method=method, ref_cache=True)
     perturb(cached)
     spy.calls.clear()
     loss, _, got, _ = train_step(cached, backward=False)
@@ -66,7 +66,7 @@ def test_cached_reference_gives_the_inline_loss_without_a_reference_forward(tiny
     assert len(spy.calls) == 1  # the next step: the policy forward only
 
     # Another run on the same model and rows reads the file: nothing computed.
-    again = _trainer(tiny_base, tmp_path, compact=True, method=method, ref_cache=True)
+    again = dpo_trainer(tiny_base, tmp_path, compact=True, method=method, ref_cache=True)
     perturb(again)
     spy.calls.clear()
     loss_again = train_step(again, backward=False)[0]
@@ -77,7 +77,7 @@ def test_cached_reference_gives_the_inline_loss_without_a_reference_forward(tiny
 
 def test_evaluation_keeps_the_inline_reference(tiny_base, tmp_path, monkeypatch):
     spy = KernelSpy(monkeypatch)
-    trainer = _trainer(tiny_base, tmp_path, compact=True, ref_cache=True)
+    trainer = dpo_trainer(tiny_base, tmp_path, compact=True, ref_cache=True)
     trainer.model.eval()
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     with torch.no_grad():
@@ -102,7 +102,7 @@ def test_model_key_follows_the_weights_and_the_precision(tiny_base, tmp_path):
 
 
 def test_an_unreadable_cache_file_is_reported_and_recomputed(tiny_base, tmp_path):
-    trainer = _trainer(tiny_base, tmp_path, compact=True, ref_cache=True)
+    trainer = dpo_trainer(tiny_base, tmp_path, compact=True, ref_cache=True)
     messages = []
     trainer.ref_cache.log = messages.append
     trainer.ref_cache.path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,8 +119,8 @@ def test_an_unreadable_cache_file_is_reported_and_recomputed(tiny_base, tmp_path
 KILLED = """
 import sys
 from pathlib import Path
-from tests.test_logps import _trainer, train_step
-trainer = _trainer(Path(sys.argv[1]), Path(sys.argv[2]), compact=True, ref_cache=True)
+from tests.helpers import dpo_trainer, train_step
+trainer = dpo_trainer(Path(sys.argv[1]), Path(sys.argv[2]), compact=True, ref_cache=True)
 trainer.ref_cache.batch_size, trainer.ref_cache.flush_s = 2, 0.0  # 4 batches of 2 pairs, a flush after each
 train_step(trainer, backward=False)
 """
@@ -136,7 +136,7 @@ def test_a_pass_killed_midway_keeps_its_flushed_rounds_and_the_rerun_computes_th
     assert re.search(r"\[ref-logps\] 2/4 batches \(4/8 pairs\), [\d.]+ s, [\d.]+ pairs/s; 4 saved to the cache",
                      proc.stdout), proc.stdout
 
-    rerun = _trainer(tiny_base, tmp_path, compact=True, ref_cache=True)
+    rerun = dpo_trainer(tiny_base, tmp_path, compact=True, ref_cache=True)
     rerun.ref_cache.batch_size = 2
     path = rerun.ref_cache.path
     assert len(cached_pairs(path)) == 4  # rounds 1 and 2; round 3 was computed but not yet written
@@ -146,7 +146,7 @@ def test_a_pass_killed_midway_keeps_its_flushed_rounds_and_the_rerun_computes_th
     assert cached_pairs(path) == rerun.ref_cache.table and len(rerun.ref_cache.table) == 8
 
     monkeypatch.setenv("DPO_DIST_CACHE", str(tmp_path / "another-cache"))
-    whole = _trainer(tiny_base, tmp_path, compact=True, ref_cache=True)  # one uninterrupted pass, 1 batch of 8
+    whole = dpo_trainer(tiny_base, tmp_path, compact=True, ref_cache=True)  # one uninterrupted pass, 1 batch of 8
     whole.ref_cache.fill(whole)
     assert whole.ref_cache.path != path and whole.ref_cache.stats["computed"] == 8
     assert rerun.ref_cache.table.keys() == whole.ref_cache.table.keys()
@@ -182,7 +182,7 @@ def test_a_format_1_cache_is_still_read(tmp_path):
 # ---- the keys come from the collator (CPU tensors), not from the batch on the device ------------------------------
 
 def test_the_collator_carries_the_pair_keys_and_lookup_uses_them(tiny_base, tmp_path, monkeypatch):
-    trainer = _trainer(tiny_base, tmp_path, compact=True, ref_cache=True)
+    trainer = dpo_trainer(tiny_base, tmp_path, compact=True, ref_cache=True)
     ds, collate = trainer.train_dataset, trainer.data_collator
     batch = collate([ds[i] for i in (0, 1, 2, 3)])
     assert batch["pair_keys"] == ref_cache.pair_keys(batch)

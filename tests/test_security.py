@@ -6,16 +6,13 @@ import ast
 import pickle
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from dpo_dist.config.recipe import recipe_from_dict
-from tests.test_distributed import BIN, data, write_recipe  # noqa: F401  (data is a fixture)
+from tests.helpers import BIN, ROOT, write_recipe
 
-ROOT = Path(__file__).resolve().parent.parent
 HOSTILE = "we'ird \"dir\" $(touch pwned) `touch pwned2`"
 
 
@@ -96,7 +93,7 @@ def test_trust_remote_code_is_off_by_default_and_warns_when_on(tiny_base, monkey
 
 
 @pytest.mark.e2e
-def test_hostile_recipe_path_trains_and_writes_only_safetensors_weights(tiny_base, data, tmp_path):  # noqa: F811
+def test_hostile_recipe_path_trains_and_writes_only_safetensors_weights(tiny_base, data, tmp_path):
     """A recipe and output directory whose path holds spaces, quotes, `$(...)` and backticks: launched through
     `dpo-dist launch`, trained SFT -> DPO (chained: adapter, merge), nothing in the path was executed, and every
     weight file the run wrote is safetensors."""

@@ -18,14 +18,14 @@ from dpo_dist.reliability.checkpoints import COMPLETE
 from dpo_dist.launch.parity import rel_diff, weights_diff
 from dpo_dist.training.common import read_metrics
 from tests.slurm_cluster import Cluster, unavailable
-from tests.test_distributed import BIN, ROOT, data, run, summary, write_recipe  # noqa: F401  (data is a fixture)
+from tests.helpers import BIN, ROOT, free_port, run, summary, write_recipe
 
 pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
 STEPS = 6
 BOUND = 1e-4
 
 
-def dpo_recipe(path: Path, base, data, max_steps: int = STEPS) -> str:  # noqa: F811
+def dpo_recipe(path: Path, base, data, max_steps: int = STEPS) -> str:
     return write_recipe(path, base, data, stages=("dpo",), max_steps=max_steps, save_steps=100)
 
 
@@ -43,20 +43,21 @@ def assert_matches(reference: Path, other: Path, world: int = 2):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_base, data, tmp_path_factory) -> Path:  # noqa: F811
+def reference(tiny_base, data, tmp_path_factory) -> Path:
     """The single-node, 2-rank FSDP2 run that every multi-node run must equal."""
     d = tmp_path_factory.mktemp("reference")
     recipe = dpo_recipe(d / "recipe.yaml", tiny_base, data)
-    run([BIN / "dpo-dist", "launch", recipe, "--profile", "cpu-fsdp-2", "--master-port", "29630"])
+    run([BIN / "dpo-dist", "launch", recipe, "--profile", "cpu-fsdp-2", "--master-port", free_port()])
     return d / "runs" / "dpo"
 
 
 # ---- multi-node without Slurm: two launchers, one per "node", on 127.0.0.1 ------------------------------------------
 
-@pytest.mark.parametrize("profile,port", [("cpu-fsdp-2", "29631"), ("cpu-zero3-2", "29632")])
-def test_two_launchers_on_localhost_equal_one_node(profile, port, reference, tiny_base, data, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("profile", ["cpu-fsdp-2", "cpu-zero3-2"])
+def test_two_launchers_on_localhost_equal_one_node(profile, reference, tiny_base, data, tmp_path):
     recipe = dpo_recipe(tmp_path / "recipe.yaml", tiny_base, data)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    port = free_port()  # both launchers meet on it
     procs = []
     for rank in (0, 1):
         cmd = [BIN / "dpo-dist", "launch", recipe, "--profile", profile, "--nodes", "2", "--node-rank", str(rank),
@@ -94,28 +95,29 @@ def logs(directory: Path, job: str) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(directory.glob(f"{job}-*.log")))
 
 
-def test_accelerate_sbatch_two_nodes_fsdp_dpo(slurm, reference, tiny_base, data, tmp_path):  # noqa: F811
+def test_accelerate_sbatch_two_nodes_fsdp_dpo(slurm, reference, tiny_base, data, tmp_path):
     """The shipped script, submitted as a user would: sbatch --nodes=2 scripts/slurm/accelerate.sbatch ..."""
     recipe = dpo_recipe(tmp_path / "recipe.yaml", tiny_base, data)
+    port = free_port()
     (tmp_path / "logs" / "slurm").mkdir(parents=True)
     job = sbatch(slurm, ["--nodes=2", ROOT / "scripts" / "slurm" / "accelerate.sbatch", recipe, "--profile",
-                         "cpu-fsdp-2", "--gpus-per-node", "1"], cwd=tmp_path, extra_env={"MASTER_PORT": "29633"})
+                         "cpu-fsdp-2", "--gpus-per-node", "1"], cwd=tmp_path, extra_env={"MASTER_PORT": str(port)})
     info = slurm.wait_done(job)
     log_dir = tmp_path / "logs" / "slurm"
     assert info["JobState"] == "COMPLETED", logs(log_dir, job)
     assert {p.name for p in log_dir.glob(f"{job}-node*.log")} == {f"{job}-node0.log", f"{job}-node1.log"}
-    assert "master 127.0.0.1:29633" in (log_dir / f"{job}-batch.log").read_text()
+    assert f"master 127.0.0.1:{port}" in (log_dir / f"{job}-batch.log").read_text()
     run_dir = tmp_path / "runs" / "dpo"
     assert summary(run_dir)["backend"] == "fsdp"
     assert_matches(reference, run_dir)
 
 
-def test_dpo_dist_slurm_two_nodes_zero3_dpo(slurm, reference, tiny_base, data, tmp_path):  # noqa: F811
+def test_dpo_dist_slurm_two_nodes_zero3_dpo(slurm, reference, tiny_base, data, tmp_path):
     """`dpo-dist slurm` writes the deepspeed script for a ZeRO-3 profile and submits it; no ssh between nodes."""
     recipe = dpo_recipe(tmp_path / "recipe.yaml", tiny_base, data)
     out = tmp_path / "out $(touch pwned) 'q'"  # spaces, quotes and $(...) in a path reach the job as data
     proc = run([BIN / "dpo-dist", "slurm", recipe, "--profile", "cpu-zero3-2", "--nodes", "2", "--gpus-per-node",
-                "1", "--master-port", "29634", "--log-dir", out / "logs", f"output_dir={out / 'runs'}"],
+                "1", "--master-port", free_port(), "--log-dir", out / "logs", f"output_dir={out / 'runs'}"],
                env={"SLURM_CONF": slurm.env["SLURM_CONF"], "DPO_DIST_PYTHON": sys.executable})
     job = proc.stdout.split("submitted job ")[1].split(":")[0]
     script = (out / "logs").glob("*.sbatch")
@@ -130,13 +132,13 @@ def test_dpo_dist_slurm_two_nodes_zero3_dpo(slurm, reference, tiny_base, data, t
     assert_matches(reference, run_dir)
 
 
-def test_preempted_job_checkpoints_requeues_and_resumes(slurm, reference, tiny_base, data, tmp_path):  # noqa: F811
+def test_preempted_job_checkpoints_requeues_and_resumes(slurm, reference, tiny_base, data, tmp_path):
     """USR1 to the batch step (as --signal=B:USR1@120 sends before the time limit): the ranks save a complete
     checkpoint and exit, the job requeues itself, and the restart resumes and ends equal to an uninterrupted run."""
     recipe = dpo_recipe(tmp_path / "recipe.yaml", tiny_base, data)
     log_dir = tmp_path / "logs"
     proc = run([BIN / "dpo-dist", "slurm", recipe, "--profile", "cpu-fsdp-2", "--nodes", "2", "--gpus-per-node", "1",
-                "--master-port", "29635", "--log-dir", log_dir, f"output_dir={tmp_path / 'runs'}"],
+                "--master-port", free_port(), "--log-dir", log_dir, f"output_dir={tmp_path / 'runs'}"],
                env={"SLURM_CONF": slurm.env["SLURM_CONF"]})
     job = proc.stdout.split("submitted job ")[1].split(":")[0]
     metrics = tmp_path / "runs" / "dpo" / "metrics.jsonl"

@@ -9,7 +9,7 @@ import pytest
 
 from dpo_dist.config.profiles import Profile
 from dpo_dist.config.recipe import recipe_from_dict
-from tests.conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 pytestmark = pytest.mark.e2e
 

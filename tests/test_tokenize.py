@@ -7,7 +7,7 @@ from transformers import AutoTokenizer
 import dpo_dist.data.tokenize as tk
 from dpo_dist.data.render import Renderer, TemplateError
 from dpo_dist.data.tokenize import IGNORE, pack_blocks, prepare_dataset, tokenize_dpo, tokenize_sft
-from tests.conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 
 @pytest.fixture(scope="module")

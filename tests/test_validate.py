@@ -265,6 +265,7 @@ def test_warnings_are_counted_and_fail_only_when_strict(tmp_path, case):
     assert validate_file(str(path), kind, strict=True, out=[].append) == 1
 
 
+@pytest.mark.slow
 def test_warnings_through_the_command_line_with_strict(tmp_path):
     path = tmp_path / "dup.jsonl"
     path.write_bytes(jsonl(PAIR, PAIR_2, PAIR, PAIR))
@@ -359,6 +360,7 @@ def write_recipe(path: Path, model: str, sft: Path, dpo: Path | None = None, ext
     return path
 
 
+@pytest.mark.slow
 def test_recipe_with_a_bad_row_fails_naming_file_and_line(tmp_path, tiny_base):
     sft = tmp_path / "sft.jsonl"
     sft.write_bytes(jsonl(FIREFLY, {"conversation": [{"human": "hi"}]}, FIREFLY_2))
@@ -374,6 +376,7 @@ def test_recipe_with_a_bad_row_fails_naming_file_and_line(tmp_path, tiny_base):
     assert "token-length checks skipped" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_good_recipe_passes(tmp_path, tiny_base):
     sft = tmp_path / "sft.jsonl"
     sft.write_bytes(jsonl(FIREFLY, FIREFLY_2))
@@ -415,6 +418,7 @@ def test_recipe_overrides_and_unloadable_tokenizer(tmp_path):
     expected_line(out, str(bad), 1, "row", "invalid JSON")
 
 
+@pytest.mark.slow
 def test_odd_characters_in_paths_are_never_run_by_a_shell(tmp_path):
     weird = tmp_path / "we ird 'single' \"double\" $(touch pwned)"
     weird.mkdir()
