@@ -52,3 +52,35 @@ def test_the_doc_names_every_module():
     missing = [str(p.relative_to(PKG)) for p in PKG.rglob("*.py")
                if p.name != "__init__.py" and p.stem not in doc]
     assert not missing, f"docs/architecture.md does not name: {missing}"
+
+
+def _calls(path: Path, names: set[str]):
+    """(line, name) of every call of `X.from_pretrained` (X in names), a rank read from os.environ, and the like."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            target = node.func.value
+            name = f"{target.id}.{node.func.attr}" if isinstance(target, ast.Name) else None
+            if name in names:
+                yield node.lineno, name
+            if (node.func.attr == "get" and isinstance(target, ast.Attribute) and target.attr == "environ"
+                    and node.args and isinstance(node.args[0], ast.Constant)
+                    and node.args[0].value in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+                yield node.lineno, f"os.environ.get({node.args[0].value!r})"
+
+
+def test_models_and_ranks_have_one_reader_each():
+    # A model for use (chat, generate, eval, merge, demo) loads through inference.loader.load_model, a model for
+    # training through models.loading; bench/ measures the libraries' own loaders on purpose. A rank or world size
+    # is read in distributed/ranks.py only (data/cache.py, a layer below it, records RANK's text in a lock file).
+    loaders = {"AutoModelForCausalLM.from_pretrained", "PeftModel.from_pretrained"}
+    where = {"AutoModelForCausalLM.from_pretrained": {"inference/loader.py", "models/loading.py"},
+             "PeftModel.from_pretrained": {"inference/loader.py"}}
+    wrong = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = str(path.relative_to(PKG))
+        if rel.startswith("bench/"):
+            continue
+        for line, name in _calls(path, loaders):
+            if rel not in where.get(name, {"distributed/ranks.py", "data/cache.py"}):
+                wrong.append(f"dpo_dist/{rel}:{line}: {name}")
+    assert not wrong, "\n".join(wrong)

@@ -26,6 +26,7 @@ import traceback
 from pathlib import Path
 
 from dpo_dist.config.resources import PACKAGE_PARENT, RECIPES, find
+from dpo_dist.distributed.ranks import is_main_process, local_rank
 
 DEFAULT_RECIPE = RECIPES / "demo.yaml"
 BUDGET_S = 540  # the whole check: under 9 minutes of step timeouts
@@ -136,7 +137,7 @@ def _process_group(device: str):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
                           LOCAL_RANK="0")
     if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_rank())
         dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
     else:
         dist.init_process_group("gloo")
@@ -1056,7 +1057,7 @@ def run_step(args) -> dict:
         result = {"status": "fail", "summary": f"harness error: {type(err).__name__}: {str(err)[:300]}",
                   "details": {"traceback": traceback.format_exc()[-4000:]}}
     result = {"name": args.step, "seconds": round(time.time() - started, 2), "device": args.device, **result}
-    if os.environ.get("RANK", "0") == "0":
+    if is_main_process():
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1, default=str) + "\n")

@@ -81,23 +81,6 @@ def load_data(args, kind: str, tokenizer, renderer, log) -> "Prepared":
         raise ConfigError(str(err)) from None
 
 
-def load_model(path: str, dtype: str, device: str, trust_remote_code: bool, what: str):
-    from transformers import AutoModelForCausalLM
-
-    from dpo_dist.models.loading import DTYPES, pick_attn_implementation, warn_remote_code
-
-    if trust_remote_code:
-        warn_remote_code(path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
-                                                     attn_implementation=pick_attn_implementation("auto", dtype))
-    except OSError as err:
-        raise ConfigError(f"{what} {path}: cannot load a model from it: {str(err).splitlines()[0]}") from None
-    model.to(device).requires_grad_(False)
-    model.eval()  # a separate statement: test_security's call scan reads `x(...).eval()` as a bare eval()
-    return model
-
-
 @dataclass
 class Scorer:
     model: object
@@ -111,16 +94,15 @@ def load_scorer(target: Target, ref: str | None, dpo: bool, dtype: str, trust_re
     weights, the adapter disabled, as in training), else --ref's model, else none."""
     import torch
 
+    from dpo_dist.inference.loader import load_model
     from dpo_dist.inference.scoring import summed_logps
+    from dpo_dist.distributed.devices import pick_attn_implementation
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(target.base, dtype, device, trust_remote_code, "MODEL")
+    common = dict(dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                  attn_implementation=pick_attn_implementation("auto", dtype))
+    model = load_model(target.base, target.adapter, what="MODEL", **common)
     if target.adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, target.adapter)
-        model.eval()
-
         def adapter_disabled(batch):
             with model.disable_adapter():
                 return summed_logps(model, batch)
@@ -128,7 +110,7 @@ def load_scorer(target: Target, ref: str | None, dpo: bool, dtype: str, trust_re
         return Scorer(model, adapter_disabled, "base with the adapter disabled", dtype)
     if not (ref and dpo):
         return Scorer(model, None, None, dtype)
-    ref_model = load_model(ref, dtype, device, trust_remote_code, "--ref")
+    ref_model = load_model(ref, what="--ref", **common)
     if ref_model.get_input_embeddings().num_embeddings != model.get_input_embeddings().num_embeddings:
         raise ConfigError(f"--ref {ref}: its vocabulary size differs from MODEL's; the reference must share the "
                           "policy's tokenizer")

@@ -26,12 +26,11 @@ def demo_overrides(out: Path) -> list[str]:
 
 def evaluate_models(out: Path, template: str) -> dict[str, dict]:
     """Held-out preference accuracy and generation score for the base, SFT and DPO models."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from dpo_dist.data.formats import read_source
     from dpo_dist.data.render import Renderer
+    from dpo_dist.inference.loader import load_model
     from dpo_dist.inference.scoring import generate, preference_accuracy
 
     rows = read_source(str(DATA_DIR / "heldout.jsonl"), "dpo", fmt="pair").rows
@@ -40,10 +39,8 @@ def evaluate_models(out: Path, template: str) -> dict[str, dict]:
     renderer = Renderer(tokenizer, template)
 
     def load(name):
-        if name == "base":
-            return AutoModelForCausalLM.from_pretrained(out / "pretrain" / "model", dtype=torch.float32)
-        sft = AutoModelForCausalLM.from_pretrained(out / "sft" / "merged", dtype=torch.float32)
-        return sft if name == "sft" else PeftModel.from_pretrained(sft, str(out / "dpo" / "adapter"))
+        base = out / "pretrain" / "model" if name == "base" else out / "sft" / "merged"
+        return load_model(str(base), str(out / "dpo" / "adapter") if name == "dpo" else None, dtype="fp32")
 
     results = {}
     for name in ("base", "sft", "dpo"):

@@ -13,6 +13,7 @@ from pathlib import Path
 from dpo_dist.config.profiles import Profile, profile_names, load_profile
 from dpo_dist.config.recipe import Recipe
 from dpo_dist.config.schema import ConfigError, error_line
+from dpo_dist.distributed import ranks
 from dpo_dist.distributed.devices import bf16_native, pick_attn_implementation
 
 ZERO_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -33,8 +34,7 @@ class Launch:
 
     @classmethod
     def from_env(cls) -> "Launch":
-        return cls(world_size=int(os.environ.get("WORLD_SIZE", "1")), rank=int(os.environ.get("RANK", "0")),
-                   local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        return cls(world_size=ranks.world_size(), rank=ranks.rank(), local_rank=ranks.local_rank(),
                    accelerate_fsdp=_flag("ACCELERATE_USE_FSDP"), accelerate_deepspeed=_flag("ACCELERATE_USE_DEEPSPEED"))
 
 

@@ -1,5 +1,6 @@
-"""Loading for `dpo-dist chat` and `dpo-dist generate`: a model (with an optional LoRA adapter), its tokenizer and the
-renderer that formats conversations the way training did; plus the sampling flags both commands share."""
+"""The one way a trained model is loaded for use: `load_model` (a base, with an optional LoRA adapter on it, frozen
+and in eval mode) serves chat, generate, eval, merge and the demo. `load` adds the tokenizer and the renderer that
+formats conversations the way training did, for chat and generate, with the sampling flags both commands share."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -59,21 +60,51 @@ def check_sampling_args(args) -> dict:
     return {"temperature": args.temperature, "top_p": args.top_p, "repetition_penalty": args.repetition_penalty}
 
 
+def load_model(base: str, adapter: str | None = None, *, dtype: str = "auto", device: str | None = None,
+               trust_remote_code: bool = False, attn_implementation: str | None = None, what: str = "MODEL",
+               merge: bool = False):
+    """`base` (a directory or hub name) at `dtype` (auto = the checkpoint's, or fp32 | fp16 | bf16), with the LoRA
+    `adapter` applied (merged into the weights when `merge`), frozen and in eval mode. `device`: None leaves it where
+    from_pretrained puts it (the CPU), "auto" spreads it over the visible GPUs (else the CPU), any other is moved to.
+    A base that cannot be loaded is one ConfigError naming `what` (the flag or argument that gave it)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dpo_dist.models.loading import warn_remote_code
+
+    if trust_remote_code:
+        warn_remote_code(base)
+    kwargs = {"dtype": {**DTYPES, "auto": "auto"}[dtype], "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if device == "auto" and torch.cuda.is_available():
+        kwargs["device_map"] = "auto"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    except OSError as err:  # a missing directory, or a hub name that cannot be fetched
+        raise ConfigError(f"{what} {base}: cannot load a model from it: {str(err).splitlines()[0]}") from None
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+        if merge:
+            model = model.merge_and_unload()
+    if device not in (None, "auto"):
+        model.to(device)
+    model.requires_grad_(False)
+    model.eval()  # a separate statement: test_security's call scan reads `x(...).eval()` as a bare eval()
+    return model
+
+
 def load(args) -> Loaded:
     """The model in eval mode on the GPU when there is one, its tokenizer (from the adapter directory when it holds
     one: training exports it there with the training template) and the renderer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from dpo_dist.data.render import Renderer
 
     base, adapter = resolve_base_and_adapter(args.model, args.adapter)
-    if args.trust_remote_code:
-        from dpo_dist.models.loading import warn_remote_code
-
-        warn_remote_code(base)
     tokenizer_dir = tokenizer_source(base, adapter)
-    dtype = {**DTYPES, "auto": "auto"}[args.dtype]
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=args.trust_remote_code)
     except OSError as err:  # a missing directory, or a hub name that cannot be fetched
@@ -84,16 +115,7 @@ def load(args) -> Loaded:
         renderer = Renderer(tokenizer, args.template)
     except ValueError as err:  # an unknown name, or a template whose end-of-turn token this tokenizer lacks
         raise ConfigError(f"--template {args.template}: {err}" if args.template else str(err)) from None
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=args.trust_remote_code,
-                                                     device_map="auto" if torch.cuda.is_available() else None)
-    except OSError as err:
-        raise ConfigError(f"{base}: cannot load the model: {err}") from None
-    if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-    model.eval()
+    model = load_model(base, adapter, dtype=args.dtype, device="auto", trust_remote_code=args.trust_remote_code)
     window = getattr(model.config, "max_position_embeddings", None)
     return Loaded(model, tokenizer, renderer, base + (f" + adapter {adapter}" if adapter else ""), window)
 

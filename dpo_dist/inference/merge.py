@@ -40,8 +40,9 @@ def merge_adapter(base: str, adapter: str | Path, out: str | Path, dtype: str = 
                   trust_remote_code: bool = False, max_shard_size: str = "5GB", log=print) -> Path:
     """Load `base` at `dtype`, apply `adapter`, merge, and save sharded safetensors plus the tokenizer (with the chat
     template the adapter was trained with) to `out`."""
-    from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from dpo_dist.inference.loader import load_model
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -58,8 +59,8 @@ def merge_adapter(base: str, adapter: str | Path, out: str | Path, dtype: str = 
     with tempfile.TemporaryDirectory(prefix="dpo-dist-adapter-") as scratch:
         adapter_dir = resolve_adapter(Path(adapter), base, Path(scratch), log)
         with _zero3_off():
-            model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-            model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+            model = load_model(base, str(adapter_dir), dtype=dtype, trust_remote_code=trust_remote_code,
+                               what="--base", merge=True)
         tmp = out.with_name(out.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, max_shard_size=max_shard_size)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -12,7 +11,8 @@ import torch
 from dpo_dist.config.recipe import MethodConfig, ModelConfig
 from dpo_dist.config.preflight import check_model
 from dpo_dist.config.schema import ConfigError
-from dpo_dist.distributed.devices import bf16_native, pick_attn_implementation
+from dpo_dist.distributed.devices import pick_attn_implementation
+from dpo_dist.distributed.ranks import local_rank
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def load_kwargs(cfg: ModelConfig, method: str, precision: str, attn: str, sharde
         # bitsandbytes quantizes on the device it loads to: this rank's GPU. FSDP and ZeRO-3 place (and shard)
         # the weights themselves, and refuse a model already dispatched by a device_map.
         if cuda and not sharded:
-            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+            kwargs["device_map"] = {"": local_rank()}
     return kwargs
 
 

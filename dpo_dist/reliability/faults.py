@@ -27,17 +27,15 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from dpo_dist.distributed.ranks import rank
+
 KILL_ENV = "DPO_DIST_KILL_AT_STEP"
 FAULT_ENV = "DPO_DIST_FAULT"
 KINDS = ("save-kill", "save-enospc", "nan-loss", "nan-weights", "hang", "refpass-kill")
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
 def announce(what: str) -> None:
-    print(f"[fault] rank {_rank()}: {what} (t={time.time():.3f})", file=sys.stderr, flush=True)
+    print(f"[fault] rank {rank()}: {what} (t={time.time():.3f})", file=sys.stderr, flush=True)
 
 
 class KillAtStep(TrainerCallback):
@@ -57,7 +55,7 @@ class KillAtStep(TrainerCallback):
                              "(e.g. 3, 3@1, 3:USR1, 3:TERM@1)") from None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step and self.rank in (None, _rank()):
+        if state.global_step == self.step and self.rank in (None, rank()):
             announce(f"{self.signal.name} at the end of step {self.step}")
             os.kill(os.getpid(), self.signal)
 
@@ -69,7 +67,7 @@ class Fault:
     rank: int | None = None
 
     def due(self, kind: str, step: int) -> bool:
-        return self.kind == kind and self.step == step and self.rank in (None, _rank())
+        return self.kind == kind and self.step == step and self.rank in (None, rank())
 
 
 def parse_faults(spec: str) -> list[Fault]:

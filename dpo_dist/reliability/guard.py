@@ -27,6 +27,7 @@ from transformers import TrainerCallback
 from dpo_dist.reliability.checkpoints import STAGING, any_rank, latest_complete, staged_checkpoint
 from dpo_dist.reliability.faults import Faults
 from dpo_dist.distributed.devices import bf16_native, local_tensor
+from dpo_dist.distributed.ranks import rank
 
 
 class TrainingFault(RuntimeError):
@@ -47,10 +48,6 @@ class CheckpointSaveError(TrainingFault):
 
 class CollectiveFailure(TrainingFault):
     pass
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 @dataclass
@@ -114,7 +111,7 @@ class Guard:
         if self.on_nonfinite_loss == "skip" and len(self.skipped_steps) < self.max_nonfinite_skips:
             self._skip_pending = True
             self.skipped_steps.append(step)
-            if _rank() == 0:
+            if rank() == 0:
                 self.log(f"[train] {self.stage} step {step}: {_what(value)}; skipping this step's update "
                          f"(on_nonfinite_loss: skip, {len(self.skipped_steps)} of at most {self.max_nonfinite_skips})")
             return
@@ -172,7 +169,7 @@ class Guard:
         bad = next((name for name, p in model.named_parameters()
                     if p.requires_grad and not bool(torch.isfinite(local_tensor(p).detach()).all())), None)
         if any_rank(bad is not None):
-            where = f"{bad} on rank {_rank()}" if bad else "another rank's weights"
+            where = f"{bad} on rank {rank()}" if bad else "another rank's weights"
             raise NonFiniteWeights(
                 f"{self.stage} step {step}: trainable weights hold NaN/inf ({where}); not saving {what}. Last good "
                 f"checkpoint: {self.last_good()}. {self.remedy()}, then run again with --resume")
@@ -192,7 +189,7 @@ class Guard:
         hint = ("Free disk space (or lower train.save_total_limit)" if code in (errno.ENOSPC, errno.EDQUOT)
                 or "space" in reason.lower() or "write failed" in reason.lower() else "Fix the cause")
         return CheckpointSaveError(
-            f"{self.stage}: saving checkpoint-{step} failed on rank {_rank()}: {reason}, writing "
+            f"{self.stage}: saving checkpoint-{step} failed on rank {rank()}: {reason}, writing "
             f"{getattr(err, 'filename', None) or checkpoint_dir}{space}. The previous checkpoints are intact and the "
             f"partial one is never used; last good checkpoint: {self.last_good()}. {hint}, then run again with "
             "--resume")
@@ -211,14 +208,14 @@ class Guard:
         first = _first_line(err)
         if _TIMEOUT.search(text):
             return CollectiveFailure(
-                f"rank {_rank()}: a collective operation did not finish within collective_timeout_s="
+                f"rank {rank()}: a collective operation did not finish within collective_timeout_s="
                 f"{self.collective_timeout_s} s during {self.stage} step {step}: another rank is hung or died; its "
                 f"log says which and why. Last good checkpoint: {self.last_good()}; restart with --resume. If a step "
                 "legitimately takes longer (a slow save or evaluation), raise collective_timeout_s in the launch "
                 f"profile. (error: {first})")
         if _PEER_LOST.search(text):
             return CollectiveFailure(
-                f"rank {_rank()}: another rank disconnected during {self.stage} step {step} (it was killed or "
+                f"rank {rank()}: another rank disconnected during {self.stage} step {step} (it was killed or "
                 f"crashed; its log says why). Last good checkpoint: {self.last_good()}; restart with --resume. "
                 f"(error: {first})")
         return None
@@ -231,8 +228,8 @@ _PEER_LOST = re.compile(r"connection (closed|reset) by peer|broken pipe|connecti
 
 
 def _what(value: str | None) -> str:
-    return (f"non-finite loss ({value}) on rank {_rank()}" if value is not None
-            else f"rank {_rank()}: another rank saw a non-finite loss")
+    return (f"non-finite loss ({value}) on rank {rank()}" if value is not None
+            else f"rank {rank()}: another rank saw a non-finite loss")
 
 
 def _first_line(err: BaseException) -> str:

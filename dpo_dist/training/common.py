@@ -16,7 +16,15 @@ from dpo_dist.distributed.devices import local_tensor
 
 
 def precision_of(stage: StageConfig, profile: Profile) -> str:
+    """The one decision of a stage's precision: the profile's when it sets one, else the recipe's fp16/bf16 keys.
+    Everything after it (TrainingArguments, the FSDP state, the reference cache key, the export dtype) reads it
+    back from the arguments with `args_precision`."""
     return profile.precision or stage.train.precision
+
+
+def args_precision(args) -> str:
+    """fp32 | fp16 | bf16, as `training_kwargs` wrote it into TrainingArguments."""
+    return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
 
 
 def training_kwargs(stage: StageConfig, profile: Profile, run_dir: Path, seed: int, world_size: int) -> dict:
@@ -157,7 +165,7 @@ def export_dtype(args):
     """The dtype an exported full model is written in: the run's precision (TrainingArguments bf16 / fp16)."""
     import torch
 
-    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args_precision(args)]
 
 
 def cast_floats(state: dict, dtype) -> dict:

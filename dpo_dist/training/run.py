@@ -22,6 +22,7 @@ from dpo_dist.distributed.backends import (Backend, Launch, check_run, dynamo_pl
 from dpo_dist.config.profiles import Profile, load_profile
 from dpo_dist.config.recipe import Recipe, StageConfig, load_recipe
 from dpo_dist.config.schema import ConfigError
+from dpo_dist.distributed.ranks import is_main_process, rank, world_size
 
 
 @dataclass
@@ -32,14 +33,6 @@ class StageResult:
     model_path: str  # what a following stage loads: merged/ or model/ (or the base when nothing was trained)
     summary: dict
     trainer: object = None  # the live trainer (sharded model included); None once released
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 class Stopped(Exception):
@@ -119,7 +112,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
                  GuardCallback(guard), *fault_callbacks(faults)]
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # read by transformers' TB callback
     build = build_dpo_trainer if kind == "dpo" else build_sft_trainer
-    init_fsdp_state(backend, "bf16" if args.bf16 else "fp16" if args.fp16 else "no", cuda, dynamo_plugin(args))
+    init_fsdp_state(backend, {"fp32": "no"}.get(precision, precision), cuda, dynamo_plugin(args))
     trainer = build(stage, args, model, tokenizer, train.dataset, evaluation.dataset if evaluation else None,
                     peft_config, callbacks, **({"log": log if state.is_main_process else _quiet} if kind == "dpo"
                                                else {}))
@@ -223,7 +216,7 @@ def _quiet(*_args, **_kwargs) -> None:
 
 
 def _rank_log(line: str) -> None:
-    print(f"[rank {os.environ.get('RANK', '0')}] {line}", flush=True)
+    print(f"[rank {rank()}] {line}", flush=True)
 
 
 def _last_train_log(history: list[dict]) -> dict:

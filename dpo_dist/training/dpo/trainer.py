@@ -14,7 +14,7 @@ from dpo_dist.data.grouping import LengthGroupedTrainer, grouping_for
 from dpo_dist.config.profiles import Profile
 from dpo_dist.config.recipe import StageConfig
 from dpo_dist.reliability.guard import GuardedTrainer
-from dpo_dist.training.common import training_kwargs
+from dpo_dist.training.common import args_precision, training_kwargs
 from dpo_dist.training.dpo.logps import install_compact_head, padding_free_for
 from dpo_dist.training.dpo.ref_cache import KeyedCollator, RefLogpsCache, cache_dir, model_key, without_pair_keys
 
@@ -125,9 +125,8 @@ def build_dpo_trainer(stage: StageConfig, args: DPOConfig, model, tokenizer, tra
         if reference is not None:
             install_compact_head(reference, ("log_probs",), stage.train.logps_vocab_chunk, packed)
     if stage.train.ref_logps_cache and stage.loss_type != "simpo":
-        precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
         head = ["compact", stage.train.logps_vocab_chunk] if stage.train.compact_logps else ["trl"]
-        key = model_key(reference if reference is not None else policy, precision,
+        key = model_key(reference if reference is not None else policy, args_precision(args),
                         {"ld_alpha": trainer.ld_alpha, "head": head})
         trainer.ref_cache = RefLogpsCache(cache_dir() / f"{key}.jsonl",
                                           stage.train.ref_logps_batch_size or 4 * args.per_device_train_batch_size,
