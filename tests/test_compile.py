@@ -27,7 +27,10 @@ def test_compiled_dpo_run_matches_eager(tiny_base, tmp_path):
             "name": "t", "model": {"name_or_path": str(tiny_base), "template": "qwen"},
             "method": {"type": "lora", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
             "train": {"learning_rate": 1e-3, "global_batch_size": 4, "max_steps": 2, "logging_steps": 1,
-                      "save_steps": 100, "lr_scheduler": "constant", "torch_compile": compiled},
+                      "save_steps": 100, "lr_scheduler": "constant", "torch_compile": compiled,
+                      # aot_eager: dynamo's graphs and AOTAutograd's joint forward/backward, as inductor gets them,
+                      # without inductor's C++ code generation (minutes on 2 cores; its kernels are torch's to test)
+                      "torch_compile_backend": "aot_eager"},
             "output_dir": str(tmp_path / f"run-{compiled}"),
             "stages": [{"stage": "dpo", "data": {"train": str(data)}, "max_length": 96}]})
         (result,) = run_recipe(recipe, profile, log=lambda *_: None, keep_trainer=True)
