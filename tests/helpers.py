@@ -146,7 +146,8 @@ class KernelSpy:
 
 
 def dpo_trainer(tiny_base, tmp_path, compact: bool, method: str = "lora", chunk: int = 100, ref_cache: bool = False,
-                padding_free=False, attn: str = "sdpa"):
+                padding_free=False, attn: str = "sdpa", **stage_keys):
+    """A LoRA (or full) DPO trainer on 8 tokenized pairs; `stage_keys` are more StageConfig keys (loss_type, ...)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -162,7 +163,8 @@ def dpo_trainer(tiny_base, tmp_path, compact: bool, method: str = "lora", chunk:
          "rejected": "It is rude."} for i in range(8)])
     tok = AutoTokenizer.from_pretrained(tiny_base)
     ds = prepare_dataset("dpo", str(src), tok, Renderer(tok, "qwen"), max_length=128, log=lambda *_: None).dataset
-    stage = StageConfig(stage="dpo", data=DataConfig(train=str(src)), max_length=128, sft_weight=0.5,
+    stage = StageConfig(stage="dpo", data=DataConfig(train=str(src)), max_length=128,
+                        **{"sft_weight": 0.5, **stage_keys},
                         train=TrainConfig(learning_rate=1e-2, global_batch_size=4, max_steps=2, logging_steps=1,
                                           save_steps=100, lr_scheduler="constant", compact_logps=compact,
                                           logps_vocab_chunk=chunk, ref_logps_cache=ref_cache,

@@ -14,7 +14,12 @@ from dpo_dist.config.schema import ConfigError, apply_override, build, load_yaml
 
 Stage = Literal["pretrain", "sft", "dpo"]
 Method = Literal["full", "lora", "qlora"]
-LossType = Literal["sigmoid", "ipo", "hinge", "robust", "simpo"]
+# TRL 1.16's DPO losses (DPOConfig.loss_type), and dpo-dist's own reference-free simpo.
+LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "simpo"]
+FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
+# The losses TRL computes from f-divergence scores; the others read the plain log-ratios (DPOTrainer refuses them).
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr", "polynomial")
 
 
@@ -174,12 +179,72 @@ class StageConfig:
     # DPO: prompt tokens kept (cut from the left, before the responses); null = half of max_length.
     max_prompt_length: int | None = None
     beta: float = 0.1  # DPO: weight of the pull to the reference (higher = stay closer); scales simpo's rewards
-    loss_type: LossType = "sigmoid"  # DPO: the preference loss (sigmoid = the DPO paper's; simpo is reference-free)
-    label_smoothing: float = 0.0  # DPO, robust loss: assumed label-noise rate
+    # DPO: the preference loss (sigmoid = the DPO paper's; simpo is reference-free), or a list of them whose
+    # losses are added with loss_weights (MPO-style mixtures, e.g. [sigmoid, bco_pair, sft]).
+    loss_type: LossType | list[LossType] = "sigmoid"
+    loss_weights: list[float] | None = None  # DPO: one weight per loss_type entry; null = 1.0 each
+    label_smoothing: float = 0.0  # DPO: assumed label-noise rate (robust: [0, 0.5); exo_pair: above 0; aot)
+    # DPO: LD-DPO's weight (0..1) of the completion tokens past the shorter completion's length; null = 1 (plain DPO).
+    ld_alpha: float | None = None
+    f_divergence_type: FDivergence = "reverse_kl"  # DPO: the divergence to the reference (reverse_kl = DPO's)
+    f_alpha_divergence_coef: float = 0.5  # DPO, alpha_divergence: its alpha
+    discopop_tau: float = 0.05  # DPO, discopop loss: the temperature of its log-ratio modulation
     simpo_gamma: float = 0.5  # DPO, simpo loss: target reward margin
     # DPO: weight of an NLL term on the chosen response added to the preference loss (RPO); keeps the chosen
     # response's likelihood from falling along with the rejected one's. 0 = plain DPO.
     sft_weight: float = 0.0
+
+    @property
+    def loss_types(self) -> list[str]:
+        """loss_type as a list (a single name is a list of one)."""
+        return list(self.loss_type) if isinstance(self.loss_type, list) else [self.loss_type]
+
+    def _check_losses(self, where: str) -> None:
+        """What DPOTrainer would refuse (some only at its first step), refused here, naming the key."""
+        losses = self.loss_types
+        if not losses:
+            raise ConfigError(f"{where}.loss_type: an empty list; give one loss or a list of them")
+        if len(set(losses)) != len(losses):
+            raise ConfigError(f"{where}.loss_type: {losses} names a loss twice; give each once (weights go in "
+                              "loss_weights)")
+        if "simpo" in losses and len(losses) > 1:
+            raise ConfigError(f"{where}.loss_type: simpo is reference-free and runs on its own; it cannot be mixed "
+                              f"with {[x for x in losses if x != 'simpo']}")
+        if self.loss_weights is not None:
+            if len(self.loss_weights) != len(losses):
+                raise ConfigError(f"{where}.loss_weights: {len(self.loss_weights)} weights for {len(losses)} "
+                                  f"loss types {losses}; give one weight per loss_type entry")
+            if any(w < 0 for w in self.loss_weights) or not any(self.loss_weights):
+                raise ConfigError(f"{where}.loss_weights: weights must be >= 0 and not all 0, got "
+                                  f"{self.loss_weights}")
+            if "simpo" in losses:
+                raise ConfigError(f"{where}.loss_weights: not used by loss_type simpo; remove it")
+        if self.sft_weight < 0:
+            raise ConfigError(f"{where}.sft_weight: must be >= 0, got {self.sft_weight}")
+        if self.sft_weight and "simpo" in losses:
+            raise ConfigError(f"{where}.sft_weight: not supported with loss_type simpo")
+        if self.sft_weight and "sft" in losses:
+            raise ConfigError(f"{where}.sft_weight: loss_type already lists sft; weight it in loss_weights instead")
+        if "robust" in losses and not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"{where}.label_smoothing: the robust loss needs a value in [0, 0.5)")
+        if "exo_pair" in losses and not 0.0 < self.label_smoothing < 1.0:
+            raise ConfigError(f"{where}.label_smoothing: the exo_pair loss needs a value in (0, 1), e.g. 1e-3; got "
+                              f"{self.label_smoothing}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"{where}.label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise ConfigError(f"{where}.ld_alpha: must be in [0, 1] (or null for plain DPO), got {self.ld_alpha}")
+        if self.ld_alpha is not None and "simpo" in losses:
+            raise ConfigError(f"{where}.ld_alpha: not used by loss_type simpo; remove it")
+        if self.f_divergence_type != "reverse_kl":
+            other = [x for x in losses if x not in F_DIVERGENCE_LOSSES]
+            if other:
+                raise ConfigError(f"{where}.f_divergence_type: {self.f_divergence_type} works only with the losses "
+                                  f"{', '.join(F_DIVERGENCE_LOSSES)}; loss_type has {', '.join(other)}")
+        if self.f_divergence_type == "alpha_divergence" and not 0.0 < self.f_alpha_divergence_coef:
+            raise ConfigError(f"{where}.f_alpha_divergence_coef: must be above 0, got {self.f_alpha_divergence_coef}")
+        if self.discopop_tau <= 0:
+            raise ConfigError(f"{where}.discopop_tau: must be above 0, got {self.discopop_tau}")
 
     def check(self, where: str) -> None:
         if self.name is None:
@@ -203,15 +268,11 @@ class StageConfig:
                     f"{where}.max_prompt_length: must be between 1 and max_length-1 ({self.max_length - 1}), "
                     f"got {self.max_prompt_length}"
                 )
-            if self.sft_weight < 0:
-                raise ConfigError(f"{where}.sft_weight: must be >= 0, got {self.sft_weight}")
-            if self.sft_weight and self.loss_type == "simpo":
-                raise ConfigError(f"{where}.sft_weight: not supported with loss_type simpo")
-            if self.loss_type == "robust" and not 0.0 <= self.label_smoothing < 0.5:
-                raise ConfigError(f"{where}.label_smoothing: the robust loss needs a value in [0, 0.5)")
+            self._check_losses(where)
         else:
-            for key, default in (("max_prompt_length", None), ("loss_type", "sigmoid"), ("label_smoothing", 0.0),
-                                 ("sft_weight", 0.0)):
+            for key, default in (("max_prompt_length", None), ("loss_type", "sigmoid"), ("loss_weights", None),
+                                 ("label_smoothing", 0.0), ("ld_alpha", None), ("f_divergence_type", "reverse_kl"),
+                                 ("f_alpha_divergence_coef", 0.5), ("discopop_tau", 0.05), ("sft_weight", 0.0)):
                 if getattr(self, key) != default:
                     raise ConfigError(f"{where}.{key}: only applies to dpo stages, this stage is {self.stage}")
 

@@ -147,9 +147,13 @@ def _type_text(tp: Any) -> str:
         values = get_args(tp)
         return "one of " + _one_of(values) if len(values) > 1 else _one_of(values)
     if origin in (Union, types.UnionType):
-        return " or ".join(_type_text(option) for option in get_args(tp))
+        options = get_args(tp)
+        if len(options) == 2 and get_origin(options[1]) is list and get_args(options[1])[0] == options[0]:
+            return f"{_type_text(options[0])}, or a list of them"  # loss_type: a name or a list of names
+        return " or ".join(_type_text(option) for option in options)
     if origin is list:
-        return f"list of {_type_text(get_args(tp)[0])}s"
+        inner = get_args(tp)[0]
+        return f"list of ({_type_text(inner)})" if get_origin(inner) is Literal else f"list of {_type_text(inner)}s"
     return _NAMES[tp]
 
 

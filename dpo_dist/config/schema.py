@@ -60,11 +60,18 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             # error: keep its own message (unknown key + suggestion, value range) rather than a generic one.
             if isinstance(value, dict) and dataclasses.is_dataclass(option):
                 return _convert(value, option, key)
+        errors = []
         for option in get_args(tp):
             try:
                 return _convert(value, option, key)
-            except ConfigError:
-                pass
+            except ConfigError as err:
+                errors.append((option, err))
+        for option, err in errors:
+            # A name that is none of the allowed ones, or a list with a wrong item: that option's own message
+            # (it names the item and the closest allowed value), not the generic one.
+            if (get_origin(option) is Literal and isinstance(value, str)) or (
+                    get_origin(option) is list and isinstance(value, list)):
+                raise err
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if tp is type(None):
         if value is None:

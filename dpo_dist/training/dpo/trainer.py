@@ -88,9 +88,14 @@ def dpo_args(stage: StageConfig, profile: Profile, run_dir: Path, seed: int, wor
         **{**training_kwargs(stage, profile, run_dir, seed, world_size), **(overrides or {})},
         max_length=stage.max_length,  # rows are already cut to fit; this only guards the collator
         beta=stage.beta,
-        loss_type=[stage.loss_type] + (["sft"] if stage.sft_weight else []),
-        loss_weights=[1.0, stage.sft_weight] if stage.sft_weight else None,
+        loss_type=stage.loss_types + (["sft"] if stage.sft_weight else []),
+        loss_weights=(stage.loss_weights or [1.0] * len(stage.loss_types)) + [stage.sft_weight]
+        if stage.sft_weight else stage.loss_weights,
         label_smoothing=stage.label_smoothing,
+        ld_alpha=stage.ld_alpha,
+        f_divergence_type=stage.f_divergence_type,
+        f_alpha_divergence_coef=stage.f_alpha_divergence_coef,
+        discopop_tau=stage.discopop_tau,
         precompute_ref_log_probs=False,
     )
 
@@ -124,7 +129,7 @@ def build_dpo_trainer(stage: StageConfig, args: DPOConfig, model, tokenizer, tra
         install_compact_head(policy, outputs, stage.train.logps_vocab_chunk, packed)
         if reference is not None:
             install_compact_head(reference, ("log_probs",), stage.train.logps_vocab_chunk, packed)
-    if stage.train.ref_logps_cache and stage.loss_type != "simpo":
+    if stage.train.ref_logps_cache and "simpo" not in stage.loss_types:
         head = ["compact", stage.train.logps_vocab_chunk] if stage.train.compact_logps else ["trl"]
         key = model_key(reference if reference is not None else policy, args_precision(args),
                         {"ld_alpha": trainer.ld_alpha, "head": head})
