@@ -94,9 +94,9 @@ def load_scorer(target: Target, ref: str | None, dpo: bool, dtype: str, trust_re
     weights, the adapter disabled, as in training), else --ref's model, else none."""
     import torch
 
+    from dpo_dist.distributed.devices import pick_attn_implementation
     from dpo_dist.inference.loader import load_model
     from dpo_dist.inference.scoring import summed_logps
-    from dpo_dist.distributed.devices import pick_attn_implementation
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     common = dict(dtype=dtype, device=device, trust_remote_code=trust_remote_code,

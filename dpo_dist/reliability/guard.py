@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 from dpo_dist.reliability.checkpoints import STAGING, any_rank, latest_complete, staged_checkpoint
 from dpo_dist.reliability.faults import Faults
 from dpo_dist.distributed.devices import bf16_native, local_tensor
-from dpo_dist.distributed.ranks import rank
+from dpo_dist.distributed.ranks import is_main_process, rank
 
 
 class TrainingFault(RuntimeError):
@@ -111,7 +111,7 @@ class Guard:
         if self.on_nonfinite_loss == "skip" and len(self.skipped_steps) < self.max_nonfinite_skips:
             self._skip_pending = True
             self.skipped_steps.append(step)
-            if rank() == 0:
+            if is_main_process():
                 self.log(f"[train] {self.stage} step {step}: {_what(value)}; skipping this step's update "
                          f"(on_nonfinite_loss: skip, {len(self.skipped_steps)} of at most {self.max_nonfinite_skips})")
             return

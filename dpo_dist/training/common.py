@@ -163,9 +163,9 @@ def save_trained(trainer, out: Path, peft: bool) -> None:
 
 def export_dtype(args):
     """The dtype an exported full model is written in: the run's precision (TrainingArguments bf16 / fp16)."""
-    import torch
+    from dpo_dist.models.loading import DTYPES
 
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args_precision(args)]
+    return DTYPES[args_precision(args)]
 
 
 def cast_floats(state: dict, dtype) -> dict:

@@ -84,13 +84,15 @@ class PretokenizedDPOTrainer(LengthGroupedTrainer, GuardedTrainer, DPOTrainer):
 
 def dpo_args(stage: StageConfig, profile: Profile, run_dir: Path, seed: int, world_size: int,
              overrides: dict | None = None) -> DPOConfig:
+    losses, weights = stage.loss_types, stage.loss_weights
+    if stage.sft_weight:  # RPO: TRL's sft loss added at that weight
+        losses, weights = losses + ["sft"], (weights or [1.0] * len(losses)) + [stage.sft_weight]
     return DPOConfig(
         **{**training_kwargs(stage, profile, run_dir, seed, world_size), **(overrides or {})},
         max_length=stage.max_length,  # rows are already cut to fit; this only guards the collator
         beta=stage.beta,
-        loss_type=stage.loss_types + (["sft"] if stage.sft_weight else []),
-        loss_weights=(stage.loss_weights or [1.0] * len(stage.loss_types)) + [stage.sft_weight]
-        if stage.sft_weight else stage.loss_weights,
+        loss_type=losses,
+        loss_weights=weights,
         label_smoothing=stage.label_smoothing,
         ld_alpha=stage.ld_alpha,
         f_divergence_type=stage.f_divergence_type,
