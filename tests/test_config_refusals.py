@@ -140,7 +140,7 @@ CASES = [
      ["stages[1].max_prompt_length: must be between 1 and max_length-1 (63), got 64"]),
     ("non-positive beta", _set("stages.1.beta", 0), "train", None, [], ["stages[1].beta: must be positive"]),
     ("a DPO key on an SFT stage", _set("stages.0.max_prompt_length", 32), "train", None, [],
-     ["stages[0].max_prompt_length: only applies to dpo stages"]),
+     ["stages[0].max_prompt_length: only applies to dpo, kto, orpo and cpo stages"]),
     ("unknown scheduler", _set("train.lr_scheduler", "cosin"), "train", None, [],
      ["lr_scheduler: 'cosin' is not one of linear, cosine"]),
     ("warmup ratio of 1 or more", _set("train.warmup_ratio", 1.5), "train", None, [],

@@ -42,6 +42,31 @@ def test_demo_dpo_beats_sft(tmp_path):
         assert (out / stage / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.e2e
+def test_demo_preference_kto_trains_on_the_unpaired_form_and_beats_sft(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "dpo_dist.cli", "demo", "--out", str(out), "--preference", "kto"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((out / "demo_results.json").read_text())
+    assert saved["method"] == "kto" and list(saved["results"]) == ["base", "sft", "kto"]
+    assert saved["results"]["kto"]["preference_accuracy"] >= saved["results"]["sft"]["preference_accuracy"] + 0.2
+    rows = [json.loads(line) for line in (out / "kto.jsonl").read_text().splitlines()]
+    pairs = (DATA_DIR / "dpo.jsonl").read_text().splitlines()
+    assert len(rows) == 2 * len(pairs) and sum(r["label"] for r in rows) == len(pairs)
+    assert [ln.split()[0] for ln in proc.stdout.splitlines() if ln.startswith(("base ", "sft ", "kto "))] == [
+        "base", "sft", "kto"]
+    assert json.loads((out / "kto" / "summary.json").read_text())["stage"] == "kto"
+
+
+@pytest.mark.slow
+def test_demo_refuses_an_unknown_preference_method_before_building_anything(tmp_path):
+    proc = run_cli("demo", "--out", str(tmp_path / "d"), "--preference", "kto-pair")
+    assert proc.returncode == 2 and "--preference kto-pair: not a method; choose one of dpo, kto, orpo, cpo, sigmoid" \
+        in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "d" / "base").exists()
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "dpo_dist.cli", *args], capture_output=True, text=True, timeout=120)
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from dpo_dist.config.recipe import F_DIVERGENCE_LOSSES, LossType, recipe_from_dict
+from dpo_dist.config.recipe import CPO_LOSSES, DPO_LOSSES, F_DIVERGENCE_LOSSES, KTO_LOSSES, LossType, recipe_from_dict
 from dpo_dist.config.schema import ConfigError
 from tests.helpers import dpo_trainer, perturb, train_step
 
-TRL_LOSSES = [x for x in typing.get_args(LossType) if x != "simpo"]  # simpo is dpo-dist's own
+TRL_LOSSES = [x for x in DPO_LOSSES if x != "simpo"]  # simpo is dpo-dist's own
 
 
 def _recipe(**stage):
@@ -111,3 +111,15 @@ def test_the_loss_lists_are_trls_own():
     assert re.findall(r"'(\w+)'", message) == TRL_LOSSES
     init = inspect.getsource(DPOTrainer.__init__)
     assert ast.literal_eval(re.search(r"f_divergence_loss_types = (\{[^}]*\})", init)[1]) == set(F_DIVERGENCE_LOSSES)
+    # ... and KTO's and CPO's, from their configs' own lists of choices; LossType holds all of them
+    import dataclasses
+    import warnings
+
+    from trl import KTOConfig
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from trl.experimental.cpo import CPOConfig
+    for config, ours in ((KTOConfig, KTO_LOSSES), (CPOConfig, CPO_LOSSES)):
+        field = next(f for f in dataclasses.fields(config) if f.name == "loss_type")
+        assert field.metadata["choices"] == list(ours), config.__name__
+    assert set(typing.get_args(LossType)) == set(DPO_LOSSES) | set(KTO_LOSSES) | set(CPO_LOSSES)

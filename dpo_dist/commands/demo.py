@@ -4,12 +4,15 @@ from __future__ import annotations
 def _demo(args) -> int:
     from dpo_dist.demo.run import run_demo
 
-    run_demo(args.out, args.overrides)
+    run_demo(args.out, args.overrides, method=args.preference)
     return 0
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="pretrain → SFT → DPO on a tiny model with bundled data; prints a table")
     p.add_argument("--out", default="demo-out", help="directory for the run directories (default: demo-out)")
+    p.add_argument("--preference", default="dpo", metavar="METHOD",
+                   help="the preference stage's method: dpo (default), kto, orpo, cpo, or a DPO loss type (ipo, "
+                        "hinge, ...)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of configs/recipes/demo.yaml")
     p.set_defaults(func=_demo)

@@ -2,7 +2,8 @@
 
 A RUN_DIR is a stage's run directory (it holds metrics.jsonl) or a recipe's output directory (each stage below it is
 one run). Several runs are overlaid, one colour each, for comparison. Panels appear only for metrics some run logged:
-loss, preference accuracy, reward margin, chosen vs rejected rewards, learning rate, throughput. `--smooth N` draws the mean
+loss, preference accuracy, reward margin, chosen vs rejected rewards, KTO's KL estimate, ORPO's log odds ratio, the
+ORPO/CPO NLL term, learning rate, throughput. `--smooth N` draws the mean
 over the last N optimizer steps over the faint raw curve (not for the learning rate, which is a schedule).
 """
 from __future__ import annotations
@@ -21,6 +22,9 @@ PANELS = [
     ("Reward margin", "β·(log-ratio chosen − rejected)", [("rewards/margins", "-", "")], True),
     ("Rewards: chosen vs rejected", "β·log-ratio to the reference",
      [("rewards/chosen", "-", " chosen"), ("rewards/rejected", "--", " rejected")], True),
+    ("KL estimate (kto)", "KL(policy ‖ reference), mismatched pairs", [("kl", "-", "")], True),
+    ("Log odds ratio (orpo)", "log σ(log odds chosen − rejected)", [("log_odds_ratio", "-", "")], True),
+    ("NLL term (orpo, cpo)", "NLL of the chosen response", [("nll_loss", "-", "")], True),
     ("Learning rate", "learning rate", [("learning_rate", "-", "")], False),  # a schedule, not noise
     ("Throughput", "real tokens / s", [("tokens_per_s", "-", "")], True),
 ]

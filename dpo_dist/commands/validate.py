@@ -257,7 +257,7 @@ def validate_recipe(path: str, overrides: list[str] = (), max_lines: int | None 
                 continue
             out(_one_line(f"== stage {stage.name} ({stage.stage}) data.{which}: {source}"))
             limits = LengthLimits(*loaded, stage.max_length, stage.max_prompt_length) if loaded else None
-            check = check_data(source, stage.stage, stage.data.format, stage.data.split, limits,
+            check = check_data(source, stage.data_kind, stage.data.format, stage.data.split, limits,
                                on_bad_row=stage.data.on_bad_row)
             for line in report_lines(check, max_lines):
                 out(line)
@@ -275,8 +275,8 @@ def validate_file(source: str, kind: str, fmt: str = "auto", split: str = "train
         raise ConfigError(f"--data-format: {fmt!r} is not a {kind} format ({', '.join(FORMATS[kind])})")
     if tokenizer is None and (template, max_length, max_prompt_length) != (None, None, None):
         raise ConfigError("--template, --max-length and --max-prompt-length need --tokenizer")
-    if max_prompt_length is not None and kind != "dpo":
-        raise ConfigError(f"--max-prompt-length: only applies to dpo data, this is {kind}")
+    if max_prompt_length is not None and kind not in ("dpo", "kto"):
+        raise ConfigError(f"--max-prompt-length: only applies to dpo and kto data, this is {kind}")
     max_length = 2048 if max_length is None else max_length  # the recipe's default
     if max_length <= 1:
         raise ConfigError(f"--max-length: must be > 1, got {max_length}")
@@ -334,7 +334,7 @@ def add_parser(sub) -> None:
     p.add_argument("recipe", nargs="?", help="recipe to check (every stage's data.train and data.eval)")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.add_argument("--data", metavar="FILE", help="check this file (or pretrain directory) instead of a recipe")
-    p.add_argument("--format", dest="kind", choices=["sft", "dpo", "pretrain"], help="with --data: the kind of data")
+    p.add_argument("--format", dest="kind", choices=list(KINDS), help="with --data: the kind of data")
     p.add_argument("--data-format", default="auto", help="with --data: firefly, openai, sharegpt, alpaca, pair, "
                    "ultrafeedback, text or auto (default)")
     p.add_argument("--split", default="train", help="with --data: split of a Hugging Face dataset (default train)")

@@ -115,6 +115,31 @@ PATCHES: tuple[Patch, ...] = (
         sites=("dpo_dist/training/dpo/trainer.py",),
     ),
     Patch(
+        name="trl-kto-pretokenized-rows",
+        library="trl",
+        target="trl.KTOTrainer._prepare_dataset",
+        kind="override",
+        why="trl 1.16 extracts, unpairs, templates and re-tokenizes every row unconditionally; dpo-dist's kto rows "
+            "are tokenized with the recipe's template and max_prompt_length, so only TRL's KL pairing (each "
+            "completion with the previous row's prompt, within a micro-batch) is redone, the same way.",
+        test="tests/test_preference.py::test_kto_chains_after_sft_with_the_adapter_off_reference_and_the_compact_"
+             "head_gives_trls_numbers",
+        remove_when="when KTOTrainer leaves a dataset that already holds prompt_ids/completion_ids/label as it is "
+                    "(adding only its KL column)",
+        sites=("dpo_dist/training/preference.py",),
+    ),
+    Patch(
+        name="trl-orpo-cpo-pretokenized-rows",
+        library="trl",
+        target="trl.experimental.orpo.ORPOTrainer.tokenize_row, trl.experimental.cpo.CPOTrainer.tokenize_row",
+        kind="override",
+        why="trl 1.16's ORPO and CPO template and tokenize every row in __init__ (trl.experimental, no "
+            "pre-tokenized path); dpo-dist's pairs are tokenized as for DPO and only take TRL's column layout.",
+        test="tests/test_preference.py::test_orpo_and_cpo_train_reference_free_on_the_dpo_pairs",
+        remove_when="when ORPO/CPO accept rows that already hold prompt_ids/chosen_ids/rejected_ids",
+        sites=("dpo_dist/training/preference.py",),
+    ),
+    Patch(
         name="trl-dpo-cached-ref-logps",
         library="trl",
         target="trl.DPOTrainer._compute_loss",

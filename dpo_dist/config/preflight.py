@@ -109,7 +109,7 @@ def check_data(recipe) -> None:
             source = getattr(stage.data, key)
             if source:
                 try:
-                    check_source(source, stage.stage, stage.data.split)
+                    check_source(source, stage.data_kind, stage.data.split)
                 except DataError as err:
                     raise ConfigError(f"stages.{stage.name}.data.{key}: {err}") from None
 

@@ -6,20 +6,35 @@ A recipe-level `train:` block holds defaults that each stage's own `train:` bloc
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
 from dpo_dist.config.schema import ConfigError, apply_override, build, load_yaml, to_dict
 
-Stage = Literal["pretrain", "sft", "dpo"]
+Stage = Literal["pretrain", "sft", "dpo", "kto", "orpo", "cpo"]
+PREFERENCE_STAGES = ("dpo", "kto", "orpo", "cpo")  # trained on preferences: pairs (dpo, orpo, cpo) or labels (kto)
 Method = Literal["full", "lora", "qlora"]
 # TRL 1.16's DPO losses (DPOConfig.loss_type), and dpo-dist's own reference-free simpo.
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "simpo")
+KTO_LOSSES = ("kto", "apo_zero_unpaired")  # KTOConfig.loss_type
+CPO_LOSSES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")  # CPOConfig.loss_type
+LOSSES = {"dpo": DPO_LOSSES, "kto": KTO_LOSSES, "cpo": CPO_LOSSES}  # each stage's losses; its first is the default
 LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "simpo"]
+                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "simpo", "kto",
+                   "apo_zero_unpaired", "alphapo"]
 FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
 # The losses TRL computes from f-divergence scores; the others read the plain log-ratios (DPOTrainer refuses them).
 F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+# The stage keys that apply to some stage types only (the others are refused when set away from their default).
+STAGE_KEYS = {
+    "max_prompt_length": PREFERENCE_STAGES, "beta": PREFERENCE_STAGES, "loss_type": ("dpo", "kto", "cpo"),
+    "label_smoothing": ("dpo", "cpo"), "simpo_gamma": ("dpo", "cpo"), "loss_weights": ("dpo",), "ld_alpha": ("dpo",),
+    "f_divergence_type": ("dpo",), "f_alpha_divergence_coef": ("dpo",), "discopop_tau": ("dpo",),
+    "sft_weight": ("dpo",), "desirable_weight": ("kto",), "undesirable_weight": ("kto",), "cpo_alpha": ("cpo",),
+    "alphapo_alpha": ("cpo",),
+}
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr", "polynomial")
 
 
@@ -166,42 +181,65 @@ class TrainConfig:
 
 @dataclass
 class StageConfig:
-    stage: Stage  # what this stage trains: pretrain (raw text), sft (conversations) or dpo (preference pairs)
+    # What this stage trains: pretrain (raw text), sft (conversations), dpo, orpo or cpo (preference pairs), or kto
+    # (single completions labelled desirable or not).
+    stage: Stage
     data: DataConfig  # this stage's data
     # This stage's hyperparameters; each key given here overrides the recipe-level train: block's.
     train: TrainConfig = field(default_factory=TrainConfig)
     name: str | None = None  # run-directory name; defaults to the stage type
     # Replaces the recipe's method for this stage, whole: a key left out takes its default, not the recipe's value.
     method: MethodConfig | None = None
-    # Tokens per sequence: SFT rows are cut to it, DPO prompt + response is cut to fit it, pretraining text is
-    # packed into blocks of it.
+    # Tokens per sequence: SFT rows are cut to it, a preference row's prompt + response is cut to fit it, pretraining
+    # text is packed into blocks of it.
     max_length: int = 2048
-    # DPO: prompt tokens kept (cut from the left, before the responses); null = half of max_length.
+    # Preference stages: prompt tokens kept (cut from the left, before the responses); null = half of max_length.
     max_prompt_length: int | None = None
-    beta: float = 0.1  # DPO: weight of the pull to the reference (higher = stay closer); scales simpo's rewards
-    # DPO: the preference loss (sigmoid = the DPO paper's; simpo is reference-free), or a list of them whose
-    # losses are added with loss_weights (MPO-style mixtures, e.g. [sigmoid, bco_pair, sft]).
-    loss_type: LossType | list[LossType] = "sigmoid"
+    # Preference stages: dpo, kto, cpo: weight of the pull to the reference (higher = stay closer; cpo's reward scale);
+    # orpo: the weight λ of its odds-ratio term.
+    beta: float = 0.1
+    # The preference loss. dpo: one of TRL's DPO losses (sigmoid = the DPO paper's; simpo is reference-free), or a
+    # list of them whose losses are added with loss_weights (MPO-style mixtures, e.g. [sigmoid, bco_pair, sft]);
+    # kto: kto or apo_zero_unpaired; cpo: sigmoid, hinge, ipo, simpo or alphapo. null = the first of these.
+    loss_type: LossType | list[LossType] | None = None
     loss_weights: list[float] | None = None  # DPO: one weight per loss_type entry; null = 1.0 each
-    label_smoothing: float = 0.0  # DPO: assumed label-noise rate (robust: [0, 0.5); exo_pair: above 0; aot)
+    label_smoothing: float = 0.0  # DPO, CPO: assumed label-noise rate (robust: [0, 0.5); exo_pair: above 0; aot)
     # DPO: LD-DPO's weight (0..1) of the completion tokens past the shorter completion's length; null = 1 (plain DPO).
     ld_alpha: float | None = None
     f_divergence_type: FDivergence = "reverse_kl"  # DPO: the divergence to the reference (reverse_kl = DPO's)
     f_alpha_divergence_coef: float = 0.5  # DPO, alpha_divergence: its alpha
     discopop_tau: float = 0.05  # DPO, discopop loss: the temperature of its log-ratio modulation
-    simpo_gamma: float = 0.5  # DPO, simpo loss: target reward margin
+    simpo_gamma: float = 0.5  # DPO and CPO, simpo loss: target reward margin
     # DPO: weight of an NLL term on the chosen response added to the preference loss (RPO); keeps the chosen
     # response's likelihood from falling along with the rejected one's. 0 = plain DPO.
     sft_weight: float = 0.0
+    # KTO: weight of the desirable (label true) rows' losses; with unbalanced labels, set the two weights so that
+    # desirable_weight × desirable rows / (undesirable_weight × undesirable rows) lies in [1, 4/3].
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0  # KTO: weight of the undesirable (label false) rows' losses
+    cpo_alpha: float = 1.0  # CPO: weight of the NLL (behaviour cloning) term on the chosen response
+    alphapo_alpha: float = 0.0  # CPO: AlphaPO's reward shape, r = (1 - p^-alpha) / alpha; 0 = log-prob rewards
+
+    @property
+    def data_kind(self) -> str:
+        """The data this stage reads (dpo_dist.data.formats.FORMATS): orpo and cpo read dpo's pairs."""
+        return "dpo" if self.stage in ("orpo", "cpo") else self.stage
 
     @property
     def loss_types(self) -> list[str]:
-        """loss_type as a list (a single name is a list of one)."""
+        """loss_type as a list (a single name is a list of one; null is the stage's default loss)."""
+        if self.loss_type is None:
+            return [LOSSES[self.stage][0]] if self.stage in LOSSES else []
         return list(self.loss_type) if isinstance(self.loss_type, list) else [self.loss_type]
 
     def _check_losses(self, where: str) -> None:
         """What DPOTrainer would refuse (some only at its first step), refused here, naming the key."""
         losses = self.loss_types
+        wrong = [x for x in losses if x not in DPO_LOSSES]
+        if wrong:
+            raise ConfigError(f"{where}.loss_type: {wrong[0]} is not a dpo loss (it is one of "
+                              f"{'kto' if wrong[0] in KTO_LOSSES else 'cpo'}'s); dpo stages take "
+                              f"{', '.join(DPO_LOSSES)}")
         if not losses:
             raise ConfigError(f"{where}.loss_type: an empty list; give one loss or a list of them")
         if len(set(losses)) != len(losses):
@@ -253,28 +291,48 @@ class StageConfig:
             raise ConfigError(f"{where}.max_length: must be > 1, got {self.max_length}")
         from dpo_dist.data.formats import FORMATS
 
-        formats = FORMATS[self.stage]
+        formats = FORMATS[self.data_kind]
         if self.data.format not in formats:
             from dpo_dist.config.schema import closest
 
             hint = closest(self.data.format, formats)
-            raise ConfigError(f"{where}.data.format: {self.data.format!r} is not a {self.stage} format "
+            raise ConfigError(f"{where}.data.format: {self.data.format!r} is not a {self.data_kind} format "
                               f"({', '.join(formats)})" + (f"; did you mean {hint!r}?" if hint else ""))
+        defaults = {f.name: f.default for f in fields(StageConfig)}
+        for key, stages in STAGE_KEYS.items():
+            if self.stage not in stages and getattr(self, key) != defaults[key]:
+                kinds = ", ".join(stages[:-1]) + f" and {stages[-1]}" if len(stages) > 1 else stages[0]
+                raise ConfigError(f"{where}.{key}: only applies to {kinds} stages, this stage is {self.stage}")
+        if self.stage not in PREFERENCE_STAGES:
+            return
+        if self.beta <= 0:
+            raise ConfigError(f"{where}.beta: must be positive, got {self.beta}")
+        if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
+            raise ConfigError(
+                f"{where}.max_prompt_length: must be between 1 and max_length-1 ({self.max_length - 1}), "
+                f"got {self.max_prompt_length}"
+            )
         if self.stage == "dpo":
-            if self.beta <= 0:
-                raise ConfigError(f"{where}.beta: must be positive, got {self.beta}")
-            if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
-                raise ConfigError(
-                    f"{where}.max_prompt_length: must be between 1 and max_length-1 ({self.max_length - 1}), "
-                    f"got {self.max_prompt_length}"
-                )
             self._check_losses(where)
-        else:
-            for key, default in (("max_prompt_length", None), ("loss_type", "sigmoid"), ("loss_weights", None),
-                                 ("label_smoothing", 0.0), ("ld_alpha", None), ("f_divergence_type", "reverse_kl"),
-                                 ("f_alpha_divergence_coef", 0.5), ("discopop_tau", 0.05), ("sft_weight", 0.0)):
-                if getattr(self, key) != default:
-                    raise ConfigError(f"{where}.{key}: only applies to dpo stages, this stage is {self.stage}")
+        elif self.stage in LOSSES:
+            if isinstance(self.loss_type, list):
+                raise ConfigError(f"{where}.loss_type: a list of losses is for dpo stages; {self.stage} takes one "
+                                  f"of {', '.join(LOSSES[self.stage])}")
+            if self.loss_type is not None and self.loss_type not in LOSSES[self.stage]:
+                raise ConfigError(f"{where}.loss_type: {self.loss_type} is not a {self.stage} loss; {self.stage} "
+                                  f"stages take {', '.join(LOSSES[self.stage])}")
+        if self.stage == "kto":
+            for key in ("desirable_weight", "undesirable_weight"):
+                if getattr(self, key) <= 0:
+                    raise ConfigError(f"{where}.{key}: must be positive, got {getattr(self, key)}")
+        if self.stage == "cpo":
+            if not 0.0 <= self.label_smoothing < 0.5:
+                raise ConfigError(f"{where}.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+            if self.cpo_alpha < 0:
+                raise ConfigError(f"{where}.cpo_alpha: must be >= 0, got {self.cpo_alpha}")
+            if self.loss_types == ["alphapo"] and self.cpo_alpha != 1.0:
+                raise ConfigError(f"{where}.cpo_alpha: loss_type alphapo sets it to 0 (no NLL term); remove it, or "
+                                  "use loss_type simpo with cpo_alpha and alphapo_alpha")
 
 
 @dataclass
@@ -298,12 +356,12 @@ class Recipe:
         if dupes:
             raise ConfigError(f"stages: two stages share the name {dupes[0]!r}; give them distinct `name:` keys")
         if self.chain:
-            order = {"pretrain": 0, "sft": 1, "dpo": 2}
+            order = {"pretrain": 0, "sft": 1, **{kind: 2 for kind in PREFERENCE_STAGES}}
             for prev, cur in zip(self.stages, self.stages[1:]):
                 if order[cur.stage] < order[prev.stage]:
                     raise ConfigError(
                         f"stages: {cur.stage} after {prev.stage} with chain: true would train in the wrong order; "
-                        "use pretrain → sft → dpo, or set chain: false to run the stages independently"
+                        "use pretrain → sft → a preference stage, or set chain: false to run the stages independently"
                     )
         if self.output_dir is None:
             self.output_dir = f"runs/{self.name}"

@@ -11,6 +11,7 @@ Canonical rows:
 * sft: ``{"messages": [{"role", "content"}, ...]}`` -- optional first system message, then
   user/assistant strictly alternating, starting with user and ending with assistant.
 * dpo: ``{"prompt": [messages ending with user], "chosen": str, "rejected": str}``.
+* kto: ``{"prompt": [messages ending with user], "completion": str, "label": bool}`` (true = desirable).
 * pretrain: ``{"text": str}``.
 """
 from __future__ import annotations
@@ -249,6 +250,41 @@ def _ultrafeedback(row: dict) -> dict:
     return {"prompt": prompt, "chosen": chosen[-1].content, "rejected": rejected[-1].content}
 
 
+# --------------------------------------------------------------------------- KTO formats
+def _unpaired(row: dict) -> dict:
+    """One completion with a thumbs-up (label true) or down (false). The prompt is a string (with optional history
+    and system, as in the pair format) or a message list ending with a user turn; the completion is a string or a
+    list of one assistant message."""
+    raw_prompt = row.get("prompt")
+    if _is(raw_prompt, list):
+        msgs = _role_content_messages(raw_prompt, "prompt")
+        if _get(row, "history", list, required=False) or _get(row, "system", str, required=False) is not None:
+            raise RowError("prompt", "a message-list prompt holds its own history and system message; drop the "
+                                     "history/system keys")
+    else:
+        prompt = _get(row, "prompt", str)
+        history = _get(row, "history", list, required=False) or []
+        msgs = (_system(row) + _human_assistant_turns(history, "history")
+                + [_Msg("user", prompt, "prompt", "prompt")])
+    messages = _check_turns(msgs, "prompt", "prompt", "user", "empty prompt")
+    raw = row.get("completion")
+    if _is(raw, list):
+        turns = _role_content_messages(raw, "completion")
+        if len(turns) != 1 or turns[0].role != "assistant":
+            raise RowError("completion", "a message-list completion must be one assistant message, got "
+                                         f"{[t.role for t in turns]}")
+        completion, field = turns[0].content, turns[0].content_field
+    else:
+        completion, field = _get(row, "completion", str), "completion"
+    if not completion.strip():
+        raise RowError(field, "empty completion")
+    label = row.get("label", _MISSING)
+    if not isinstance(label, bool):
+        got = "missing" if label is _MISSING else json_type(label)
+        raise RowError("label", f"wrong type: expected true (desirable) or false (undesirable), got {got}")
+    return {"prompt": messages, "completion": completion, "label": label}
+
+
 # ---------------------------------------------------------------------- pretrain formats
 def _text(row: dict) -> dict:
     text = _get(row, "text", str)
@@ -278,6 +314,7 @@ SPECS: dict[str, _Spec] = {
     "ultrafeedback": _Spec("dpo", ("chosen", "rejected"),
                            lambda row: _is(row.get("chosen"), list), _ultrafeedback, ("prompt",)),
     "pair": _Spec("dpo", ("prompt", "chosen", "rejected"), _always, _pair, ("history", "system")),
+    "unpaired": _Spec("kto", ("prompt", "completion", "label"), _always, _unpaired, ("history", "system")),
     "text": _Spec("pretrain", ("text",), _always, _text),
 }
 

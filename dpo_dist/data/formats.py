@@ -31,14 +31,16 @@ from dpo_dist.data import converters as _conv
 from dpo_dist.data.converters import RowError as _RowError
 
 __all__ = ["read_source", "scan_source", "RowStream", "no_rows_error", "check_source", "DataError", "BadRow", "RowWarning",
-           "LoadResult", "FORMATS", "SFT_FORMATS", "DPO_FORMATS", "PRETRAIN_FORMATS", "WARNING_KINDS",
+           "LoadResult", "FORMATS", "SFT_FORMATS", "DPO_FORMATS", "KTO_FORMATS", "PRETRAIN_FORMATS", "WARNING_KINDS",
            "count_warnings", "describe_warning_counts", "max_line_bytes"]
 
 SFT_FORMATS = ("auto", "firefly", "openai", "sharegpt", "alpaca")
 DPO_FORMATS = ("auto", "pair", "ultrafeedback")
+KTO_FORMATS = ("auto", "unpaired")
 PRETRAIN_FORMATS = ("auto", "text")
 
-FORMATS = {"sft": SFT_FORMATS, "dpo": DPO_FORMATS, "pretrain": PRETRAIN_FORMATS}  # data kind -> its formats
+# data kind -> its formats (orpo and cpo stages read dpo data: StageConfig.data_kind)
+FORMATS = {"sft": SFT_FORMATS, "dpo": DPO_FORMATS, "kto": KTO_FORMATS, "pretrain": PRETRAIN_FORMATS}
 _ON_BAD_ROW = ("error", "skip")
 _FILE_EXTS = (".jsonl", ".json", ".parquet")
 _DIR_EXTS = _FILE_EXTS + (".txt",)
@@ -60,6 +62,7 @@ WARNING_KINDS = {
     "dpo_prefix": ("response that is a prefix of the other", "responses that are a prefix of the other"),
     "prompt_too_long": ("prompt longer than max_prompt_length", "prompts longer than max_prompt_length"),
     "response_truncated": ("prompt+response over max_length", "prompt+responses over max_length"),
+    "completion_truncated": ("prompt+completion over max_length", "prompt+completions over max_length"),
     "sft_too_long": ("row over max_length", "rows over max_length"),
     "no_supervised_tokens": ("row with no assistant token within max_length (left out)",
                              "rows with no assistant token within max_length (left out)"),

@@ -45,9 +45,10 @@ class LengthGrouping:
 
 
 def grouping_for(stage) -> LengthGrouping | None:
-    """The stage's length grouping, or None: switched off, or pretraining (packed blocks all have one length)."""
+    """The stage's length grouping, or None: switched off, pretraining (packed blocks all have one length), or kto
+    (TRL pairs each row with its neighbours for the KL estimate)."""
     t = stage.train
-    if not t.group_by_length or stage.stage == "pretrain":
+    if not t.group_by_length or stage.stage in ("pretrain", "kto"):
         return None
     return LengthGrouping(t.global_batch_size, t.group_window)
 

@@ -8,7 +8,9 @@
   and pretraining document starts with exactly one.
 - DPO: system + history + prompt rendered with the chat template (each completion is the same span as SFT
   supervises); the prompt is truncated from the left to
-  `max_prompt_length` first, then the responses are cut so prompt + response fits `max_length`.
+  `max_prompt_length` first, then the responses are cut so prompt + response fits `max_length`. ORPO and CPO read
+  the same rows.
+- KTO: one completion per row with its label (true = desirable), rendered and cut exactly as a DPO response.
 - Pretrain: each text (+ BOS first, where expected) + EOS, concatenated and cut into `max_length` blocks; the last, shorter block is kept.
 
 The pipeline streams: rows go from the source into an Arrow file a bounded batch at a time (validated on the way,
@@ -45,6 +47,8 @@ _MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]
 ROW_SCHEMAS = {  # canonical rows (dpo_dist.data.converters) as Arrow
     "sft": pa.schema([("messages", _MESSAGES), ("loc", pa.string())]),
     "dpo": pa.schema([("prompt", _MESSAGES), ("chosen", pa.string()), ("rejected", pa.string()),
+                      ("loc", pa.string())]),
+    "kto": pa.schema([("prompt", _MESSAGES), ("completion", pa.string()), ("label", pa.bool_()),
                       ("loc", pa.string())]),
     "pretrain": pa.schema([("text", pa.string()), ("loc", pa.string())]),
 }
@@ -107,31 +111,52 @@ def encode_sft(conversations: list[list[dict]], tokenizer, renderer: Renderer, m
     })
 
 
-def encode_dpo(rows: list[dict], tokenizer, renderer: Renderer, max_length: int, max_prompt_length: int) -> list[dict]:
+def _cut(prompt_ids: list[int], completions: list[list[int]], max_length: int, max_prompt_length: int,
+         bos: int | None) -> dict:
+    """A preference row's prompt cut from the left to max_prompt_length (keeping the model's BOS), then each
+    completion cut so prompt + completion fits max_length."""
+    prompt_truncated = len(prompt_ids) > max_prompt_length
+    if prompt_truncated:
+        # Keep the end (the latest turn matters most), and the sequence's BOS where the model expects one.
+        keep = max_prompt_length - (bos is not None)
+        prompt_ids = ([bos] if bos is not None else []) + prompt_ids[len(prompt_ids) - keep:]
+    budget = max_length - len(prompt_ids)
+    return {"prompt_ids": prompt_ids, "completions": [ids[:budget] for ids in completions],
+            "truncated": prompt_truncated or any(len(ids) > budget for ids in completions),
+            "prompt_truncated": prompt_truncated}
+
+
+def _encode_preference(rows: list[dict], sides: tuple[str, ...], tokenizer, renderer: Renderer, max_length: int,
+                       max_prompt_length: int) -> list[dict]:
+    """Each row's prompt (system + history + prompt, with the chat template) and its completions ``sides``, each
+    completion the same span SFT supervises."""
     texts = []
     for row in rows:
         prompt_text, completions = renderer.prompt_and_completions(renderer.prepare(row["prompt"]),
-                                                                   [row["chosen"], row["rejected"]])
+                                                                   [row[side] for side in sides])
         texts += [prompt_text, *completions]
     ids = _encode(tokenizer, texts)
     bos = tokenizer.convert_tokens_to_ids(renderer.bos) if renderer.bos else None
+    width = 1 + len(sides)
+    return [_cut(ids[width * k], ids[width * k + 1: width * k + width], max_length, max_prompt_length, bos)
+            for k in range(len(rows))]
+
+
+def encode_dpo(rows: list[dict], tokenizer, renderer: Renderer, max_length: int, max_prompt_length: int) -> list[dict]:
     out = []
-    for k in range(len(rows)):
-        prompt_ids, chosen_ids, rejected_ids = ids[3 * k: 3 * k + 3]
-        prompt_truncated = len(prompt_ids) > max_prompt_length
-        if prompt_truncated:
-            # Keep the end (the latest turn matters most), and the sequence's BOS where the model expects one.
-            keep = max_prompt_length - (bos is not None)
-            prompt_ids = ([bos] if bos is not None else []) + prompt_ids[len(prompt_ids) - keep:]
-        budget = max_length - len(prompt_ids)
-        response_truncated = len(chosen_ids) > budget or len(rejected_ids) > budget
-        out.append({
-            "prompt_ids": prompt_ids,
-            "chosen_ids": chosen_ids[:budget],
-            "rejected_ids": rejected_ids[:budget],
-            "truncated": prompt_truncated or response_truncated,
-            "prompt_truncated": prompt_truncated,
-        })
+    for cut in _encode_preference(rows, ("chosen", "rejected"), tokenizer, renderer, max_length, max_prompt_length):
+        chosen, rejected = cut.pop("completions")
+        out.append({**cut, "chosen_ids": chosen, "rejected_ids": rejected})
+    return out
+
+
+def encode_kto(rows: list[dict], tokenizer, renderer: Renderer, max_length: int, max_prompt_length: int) -> list[dict]:
+    """KTO's unpaired rows: prompt_ids, completion_ids and the label (true = desirable), cut as DPO's are."""
+    out = []
+    for row, cut in zip(rows, _encode_preference(rows, ("completion",), tokenizer, renderer, max_length,
+                                                 max_prompt_length)):
+        (completion,) = cut.pop("completions")
+        out.append({**cut, "completion_ids": completion, "label": row["label"]})
     return out
 
 
@@ -143,6 +168,10 @@ def tokenize_dpo(row: dict, tokenizer, renderer: Renderer, max_length: int, max_
     return encode_dpo([row], tokenizer, renderer, max_length, max_prompt_length)[0]
 
 
+def tokenize_kto(row: dict, tokenizer, renderer: Renderer, max_length: int, max_prompt_length: int) -> dict:
+    return encode_kto([row], tokenizer, renderer, max_length, max_prompt_length)[0]
+
+
 def _table(rows: list[dict], locs: list[str], columns: dict[str, pa.DataType]) -> pa.Table:
     """Rows as an Arrow table with exact column types (cheaper than letting datasets infer them)."""
     arrays = {name: pa.array([r[name] for r in rows], type=typ) for name, typ in columns.items()}
@@ -151,6 +180,8 @@ def _table(rows: list[dict], locs: list[str], columns: dict[str, pa.DataType]) -
 
 
 _DPO_COLUMNS = {"prompt_ids": _IDS, "chosen_ids": _IDS, "rejected_ids": _IDS, "truncated": pa.bool_(),
+                "prompt_truncated": pa.bool_()}
+_KTO_COLUMNS = {"prompt_ids": _IDS, "completion_ids": _IDS, "label": pa.bool_(), "truncated": pa.bool_(),
                 "prompt_truncated": pa.bool_()}
 
 
@@ -186,6 +217,15 @@ def _dpo_batch(batch: dict, tokenizer, renderer: Renderer, max_length: int, max_
                                                                         [rows[k]["chosen"], rows[k]["rejected"]]),
                        lambda: encode_dpo(rows, tokenizer, renderer, max_length, max_prompt_length))
     return _table(encoded, batch["loc"], _DPO_COLUMNS)
+
+
+def _kto_batch(batch: dict, tokenizer, renderer: Renderer, max_length: int, max_prompt_length: int) -> pa.Table:
+    rows = [{"prompt": p, "completion": c, "label": y}
+            for p, c, y in zip(batch["prompt"], batch["completion"], batch["label"])]
+    encoded = _located(batch, lambda k: renderer.prompt_and_completions(renderer.prepare(rows[k]["prompt"]),
+                                                                        [rows[k]["completion"]]),
+                       lambda: encode_kto(rows, tokenizer, renderer, max_length, max_prompt_length))
+    return _table(encoded, batch["loc"], _KTO_COLUMNS)
 
 
 def _text_batch(batch: dict, tokenizer, bos: str | None = None) -> pa.Table:
@@ -230,29 +270,35 @@ def token_length_warnings(rows: list[dict], kind: str, tokenizer, renderer: Rend
                 out.append(RowWarning(row.get("loc", "?"), "row", "sft_too_long",
                                       f"row is {n} tokens, over max_length={max_length} (it will be truncated)"))
         return out
-    if kind != "dpo":
+    if kind not in ("dpo", "kto"):
         return []  # pretraining text is packed into blocks: nothing is cut
     max_prompt_length = prompt_budget(max_length, max_prompt_length)
+    sides = ("chosen", "rejected") if kind == "dpo" else ("completion",)
     texts = []
     for row in rows:
         prompt_text, completions = renderer.prompt_and_completions(renderer.prepare(row["prompt"]),
-                                                                   [row["chosen"], row["rejected"]])
+                                                                   [row[side] for side in sides])
         texts += [prompt_text, *completions]
     lengths = [len(ids) for ids in _encode(tokenizer, texts)]
+    width = 1 + len(sides)
     out = []
     for k, row in enumerate(rows):
         loc = row.get("loc", "?")
-        prompt, chosen, rejected = lengths[3 * k: 3 * k + 3]
+        prompt, completions = lengths[width * k], lengths[width * k + 1: width * k + width]
         if prompt > max_prompt_length:
             out.append(RowWarning(loc, "prompt", "prompt_too_long",
                                   f"prompt is {prompt} tokens, longer than max_prompt_length={max_prompt_length} "
                                   "(it will be truncated from the left)"))
         kept = min(prompt, max_prompt_length)
-        side, longest = ("chosen", chosen) if chosen >= rejected else ("rejected", rejected)
+        longest = max(completions)
+        side = sides[completions.index(longest)]
         if kept + longest > max_length:
-            out.append(RowWarning(loc, side, "response_truncated",
-                                  f"prompt + {side} response is {kept + longest} tokens, over max_length="
-                                  f"{max_length} (the response will be cut to {max_length - kept} tokens)"))
+            what = "response_truncated" if kind == "dpo" else "completion_truncated"
+            noun = f"{side} response" if kind == "dpo" else "completion"
+            out.append(RowWarning(loc, side, what,
+                                  f"prompt + {noun} is {kept + longest} tokens, over max_length="
+                                  f"{max_length} (the {'response' if kind == 'dpo' else 'completion'} will be cut "
+                                  f"to {max_length - kept} tokens)"))
     return out
 
 
@@ -428,6 +474,10 @@ def _build(tmp: Path, kind: str, source: str, tokenizer, renderer: Renderer, *, 
         ds = raw.map(_dpo_batch, fn_kwargs=dict(tokenizer=tokenizer, renderer=renderer, max_length=max_length,
                                                 max_prompt_length=max_prompt_length),
                      remove_columns=raw.column_names, **common)
+    elif kind == "kto":
+        ds = raw.map(_kto_batch, fn_kwargs=dict(tokenizer=tokenizer, renderer=renderer, max_length=max_length,
+                                                max_prompt_length=max_prompt_length),
+                     remove_columns=raw.column_names, **common)
     elif kind == "pretrain":
         tok = raw.map(_text_batch, fn_kwargs=dict(tokenizer=tokenizer, bos=renderer.bos),
                       remove_columns=raw.column_names, **common)
@@ -459,7 +509,8 @@ def _build(tmp: Path, kind: str, source: str, tokenizer, renderer: Renderer, *, 
         report["truncated"] = int(pc.sum(ds.data.column("truncated")).as_py() or 0)
         if report["truncated"]:
             log(f"[data] {source}: {report['truncated']} of {len(ds)} rows truncated to max_length={max_length}")
-    columns = ["input_ids"] if kind != "dpo" else ["prompt_ids", "chosen_ids", "rejected_ids"]
+    columns = {"dpo": ["prompt_ids", "chosen_ids", "rejected_ids"], "kto": ["prompt_ids", "completion_ids"]}.get(
+        kind, ["input_ids"])
     report["tokens"] = sum(_list_tokens(ds, c) for c in columns)
     report["files"] = sorted({Path(f["filename"]).name for f in ds.cache_files})
     del ds, raw
@@ -502,7 +553,7 @@ def prepare_dataset(
 ) -> Prepared:
     """Tokenize ``source`` into the cache (or read it from there). ``wait_log`` gets the lines of a process that
     waits while another builds the same entry (default ``log``); progress bars show when stderr is a terminal."""
-    if kind == "dpo":
+    if kind in ("dpo", "kto"):
         max_prompt_length = prompt_budget(max_length, max_prompt_length)
     options = dict(kind=kind, fmt=fmt, on_bad_row=on_bad_row, split=split, max_rows=max_rows,
                    max_length=max_length, max_prompt_length=max_prompt_length)

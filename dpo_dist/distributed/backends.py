@@ -167,6 +167,11 @@ def check_run(recipe: Recipe, profile: Profile, launch: Launch, backend: Backend
             raise ConfigError(
                 f"{at}: method {method} is not supported by {where}, which supports {', '.join(profile.methods)}; "
                 f"profiles for {method}: {_suggest(method, profile.backend, profile.world_size)}")
+        if stage.stage == "kto" and stage.loss_types == ["kto"] and profile.micro_batch_size < 2:
+            raise ConfigError(
+                f"{at}: the kto loss estimates its KL term from the other rows of each micro-batch (TRL), so it needs "
+                f"a micro-batch of 2 or more, and {where} has micro_batch_size {profile.micro_batch_size}; use a "
+                "profile with a larger micro-batch, or loss_type: apo_zero_unpaired (no KL term)")
         if profile.attn_implementation == "flash_attention_2" and precision == "fp32":
             raise ConfigError(f"{at}: flash_attention_2 needs fp16 or bf16, but {where} trains in fp32; use "
                               "attn_implementation: sdpa or a half-precision profile")

@@ -53,7 +53,7 @@ def prepare_stage_data(stage: StageConfig, tokenizer, renderer, log: Callable = 
     data = stage.data
 
     def prepare(source):
-        return prepare_dataset(stage.stage, source, tokenizer, renderer, max_length=stage.max_length,
+        return prepare_dataset(stage.data_kind, source, tokenizer, renderer, max_length=stage.max_length,
                                max_prompt_length=stage.max_prompt_length, fmt=data.format,
                                on_bad_row=data.on_bad_row, split=data.split, max_rows=data.max_rows,
                                num_proc=data.num_proc, log=log, wait_log=wait_log, show_progress=show_progress)
@@ -81,10 +81,11 @@ def show_rows(dataset, kind: str, tokenizer, n: int) -> list[str]:
     lines = []
     for k, row in enumerate(dataset.select(range(min(n, len(dataset))))):
         where = f" ({row['loc']})" if "loc" in row else ""
-        if kind == "dpo":
+        if kind in ("dpo", "kto"):
             prompt = _marked(tokenizer, row["prompt_ids"], [False] * len(row["prompt_ids"]))
-            lines.append(f"[show] row {k + 1}{where}: prompt {len(row['prompt_ids'])} tokens: {prompt}")
-            for side in ("chosen", "rejected"):
+            label = f" (label {str(row['label']).lower()})" if kind == "kto" else ""
+            lines.append(f"[show] row {k + 1}{where}: prompt {len(row['prompt_ids'])} tokens{label}: {prompt}")
+            for side in (("chosen", "rejected") if kind == "dpo" else ("completion",)):
                 ids = row[f"{side}_ids"]
                 lines.append(f"[show]   {side} {len(ids)} tokens: {_marked(tokenizer, ids, [True] * len(ids))}")
         else:
@@ -107,7 +108,7 @@ def prepare_recipe(recipe: Recipe, log: Callable = print, show: int = 0) -> int:
         if show:
             log(f"[show] stage {stage.name}: the first {show} training rows as tokenized, supervised tokens "
                 f"{OPEN}marked{CLOSE}")
-            for line in show_rows(data.train.dataset, stage.stage, tokenizer, show):
+            for line in show_rows(data.train.dataset, stage.data_kind, tokenizer, show):
                 log(line)
     log(f"[prepare] {sources} source{'' if sources == 1 else 's'} ready in {time.time() - started:.1f} s; "
         "training on this recipe reads them from the cache")

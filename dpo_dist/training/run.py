@@ -56,6 +56,8 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
     from dpo_dist.distributed.safe_loading import harden_checkpoint_loading
     from dpo_dist.training.common import MetricsLogger, model_facts, precision_of, save_trained
     from dpo_dist.training.dpo.trainer import build_dpo_trainer, dpo_args
+    from dpo_dist.training.preference import (build_kto_trainer, build_pair_trainer, cpo_args, kto_args,
+                                              orpo_args)
     from dpo_dist.training.sft import build_sft_trainer, sft_args
 
     started = time.time()
@@ -74,7 +76,8 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
     cuda = on_cuda(profile)  # the profile's device, never merely a visible GPU
     init_process_group(backend, Launch.from_env(), timeout, cuda)
     harden_checkpoint_loading()  # before any checkpoint (DeepSpeed's, FSDP's sharded ones) can be read
-    args = (dpo_args if kind == "dpo" else sft_args)(stage, profile, run_dir, recipe.seed, world_size(), overrides)
+    make_args = {"dpo": dpo_args, "kto": kto_args, "orpo": orpo_args, "cpo": cpo_args}.get(kind, sft_args)
+    args = make_args(stage, profile, run_dir, recipe.seed, world_size(), overrides)
     state = PartialState(cpu=overrides["use_cpu"], timeout=timeout)
     if state.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -111,11 +114,13 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
     callbacks = [MetricsLogger(run_dir / "metrics.jsonl"), CheckpointMarker(stage.train.save_total_limit, log), stop,
                  GuardCallback(guard), *fault_callbacks(faults)]
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # read by transformers' TB callback
-    build = build_dpo_trainer if kind == "dpo" else build_sft_trainer
+    build = {"dpo": build_dpo_trainer, "kto": build_kto_trainer, "orpo": build_pair_trainer,
+             "cpo": build_pair_trainer}.get(kind)
     init_fsdp_state(backend, {"fp32": "no"}.get(precision, precision), cuda, dynamo_plugin(args))
-    trainer = build(stage, args, model, tokenizer, train.dataset, evaluation.dataset if evaluation else None,
-                    peft_config, callbacks, **({"log": log if state.is_main_process else _quiet} if kind == "dpo"
-                                               else {}))
+    preference = {} if build is None else {"log": log if state.is_main_process else _quiet}
+    trainer = (build or build_sft_trainer)(stage, args, model, tokenizer, train.dataset,
+                                           evaluation.dataset if evaluation else None, peft_config, callbacks,
+                                           **preference)
     trainer.guard = guard
     if peft_config is not None:
         # trl stores QLoRA adapters in bf16 and peft LoRA adapters in fp32 whatever the precision; keep them in
