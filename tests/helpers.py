@@ -43,8 +43,9 @@ def write_jsonl(path: Path, rows: list) -> Path:
 def write_recipe(path: Path, base: Path, data: dict, stages=("sft", "dpo"), chain=False, **train) -> str:
     stage_list = []
     for s in stages:
-        entry = {"stage": s, "data": {"train": data[s], "format": "firefly" if s == "sft" else "pair"}, "max_length": 64}
-        if s == "dpo":
+        fmt = {"sft": "firefly", "kto": "unpaired"}.get(s, "pair")  # orpo and cpo read the dpo pairs
+        entry = {"stage": s, "data": {"train": data.get(s) or data["dpo"], "format": fmt}, "max_length": 64}
+        if s in ("dpo", "kto", "orpo", "cpo"):
             entry["max_prompt_length"] = 32
         stage_list.append(entry)
     recipe = {

@@ -6,6 +6,8 @@ asserts everything it can about its run.
 |---------------------------|---------------------------|--------------------------------------------|---------|
 | parity fp32               | dpo-dist parity → launch  | cpu, cpu-ddp-2, cpu-fsdp-2, cpu-zero3-2    | lora    |
 | parity bf16               | dpo-dist parity → launch  | cpu-bf16, cpu-fsdp-qlora-2, cpu-zero3-qlora-2 | qlora |
+| parity kto, orpo, cpo     | dpo-dist parity → launch  | cpu, cpu-ddp-2, cpu-fsdp-2, cpu-zero3-2    | lora    |
+| kto, orpo, cpo on 4 bits  | dpo-dist launch           | cpu-fsdp-qlora-2, cpu-zero3-qlora-2        | qlora   |
 | plain full SFT → DPO      | torchrun, accelerate, deepspeed | cpu-ddp-2, cpu-fsdp-2, cpu-zero3-2   | full    |
 | qlora under DDP           | dpo-dist launch           | cpu-ddp-2                                  | qlora   |
 | sharded logits and merge  | accelerate, deepspeed     | cpu-fsdp-2, cpu-zero3-2                    | lora    |
@@ -92,6 +94,58 @@ def test_parity_bf16_qlora_across_fsdp_and_zero3(tiny_base, data, tmp_path):
         on_rank = summary(out / profile / "sft")["model"]["params_on_rank"]
         assert 0.4 * single < on_rank < 0.6 * single, (profile, on_rank, single)
     assert losses(out / "cpu-zero3-qlora-2" / "dpo")[0] == pytest.approx(LN2, abs=1e-6)
+
+
+def kto_rows(pairs_file: str, path: Path) -> str:
+    """The unpaired form of the pairs: each chosen answer labelled desirable, each rejected one not."""
+    pairs = [json.loads(line) for line in Path(pairs_file).read_text().splitlines()]
+    path.write_text("".join(json.dumps({"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}) + "\n"
+                            for p in pairs for side in ("chosen", "rejected")))
+    return str(path)
+
+
+PREFERENCE = ("kto", "orpo", "cpo")
+
+
+def test_parity_fp32_kto_orpo_cpo_across_ddp_fsdp_zero3(tiny_base, data, tmp_path):
+    # Every profile trains each stage on the same rows and steps. KTO holds parity (caveat, in docs/methods.md: on
+    # this data its KL baseline stays at its clamp, 0). ORPO and CPO do not yet: TRL averages their NLL term over the
+    # tokens of each micro-batch, so a different split of the global batch (cpu: 1 × 8 rows; the others: 2 ranks × 2
+    # steps × 2 rows) weights the rows differently. Their losses agree to 1e-4 but their gradients do not; when that
+    # is fixed, this test fails and the whole table must hold 1e-4.
+    data = {**data, "kto": kto_rows(data["dpo"], tmp_path / "kto.jsonl")}
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_base, data, stages=PREFERENCE, max_steps=3)
+    out = tmp_path / "parity"
+    proc = run([BIN / "dpo-dist", "parity", recipe, "--profiles", "cpu,cpu-ddp-2,cpu-fsdp-2,cpu-zero3-2",
+                "--out", out], expect=1)
+    print(proc.stdout)
+    result = json.loads((out / "parity.json").read_text())
+    assert [s["stage"] for s in result["stages"]] == list(PREFERENCE)
+    failing = set()
+    for stage in result["stages"]:
+        assert stage["steps"] == [1, 2, 3]
+        for profile, diffs in stage["diffs"].items():
+            assert {"loss", "grad_norm", "weights", "rewards/margins"} <= set(diffs), (stage["stage"], diffs)
+            failing |= {(stage["stage"], key) for key, v in diffs.items() if v > 1e-4}
+    assert failing == {("orpo", "grad_norm"), ("orpo", "weights"), ("cpo", "grad_norm"), ("cpo", "weights")}, failing
+    for profile, backend, world in (("cpu-ddp-2", "ddp", 2), ("cpu-fsdp-2", "fsdp", 2), ("cpu-zero3-2", "deepspeed", 2)):
+        for stage in PREFERENCE:
+            assert summary(out / profile / stage)["stage"] == stage
+            check_sharded_run(out / profile / stage, backend, world)
+    assert losses(out / "cpu-zero3-2" / "kto")[0] == pytest.approx(0.5, abs=1e-6)  # reference = adapter off
+
+
+@pytest.mark.parametrize("profile", ["cpu-fsdp-qlora-2", "cpu-zero3-qlora-2"])
+def test_kto_orpo_cpo_train_on_a_sharded_4bit_base(profile, tiny_base, data, tmp_path):
+    data = {**data, "kto": kto_rows(data["dpo"], tmp_path / "kto.jsonl")}
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_base, data, stages=PREFERENCE, max_steps=2)
+    run([BIN / "dpo-dist", "launch", recipe, "--profile", profile, "--master-port", free_port(), "method.type=qlora"])
+    for stage in PREFERENCE:
+        s = check_sharded_run(tmp_path / "runs" / stage, "fsdp" if "fsdp" in profile else "deepspeed", 2)
+        assert s["model"]["linear4bit_modules"] == 14 and s["global_step"] == 2, (stage, s["model"])
+        assert all(math.isfinite(x) for x in losses(tmp_path / "runs" / stage))
+        assert (tmp_path / "runs" / stage / "adapter" / "adapter_model.safetensors").is_file()
+    assert losses(tmp_path / "runs" / "kto")[0] == pytest.approx(0.5, abs=1e-3)  # bf16: reference = adapter off
 
 
 def with_port(args: list) -> list:
