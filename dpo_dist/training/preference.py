@@ -75,8 +75,9 @@ def kto_args(stage: StageConfig, profile: Profile, run_dir: Path, seed: int, wor
 
 def build_kto_trainer(stage: StageConfig, args: KTOConfig, model, tokenizer, train_ds, eval_ds, peft_config,
                       callbacks, log=print):
-    labels = train_ds.with_format("arrow")["label"]
-    desirable = int(sum(labels.to_pylist()))
+    import pyarrow.compute as pc
+
+    desirable = int(pc.sum(train_ds.data.column("label")).as_py() or 0)  # counted in Arrow, no row decoded
     log(f"[train] {stage.name}: {desirable} desirable and {len(train_ds) - desirable} undesirable rows; "
         f"desirable_weight {stage.desirable_weight}, undesirable_weight {stage.undesirable_weight}")
     if stage.train.group_by_length:
