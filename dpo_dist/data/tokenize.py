@@ -126,16 +126,21 @@ def _cut(prompt_ids: list[int], completions: list[list[int]], max_length: int, m
             "prompt_truncated": prompt_truncated}
 
 
-def _encode_preference(rows: list[dict], sides: tuple[str, ...], tokenizer, renderer: Renderer, max_length: int,
-                       max_prompt_length: int) -> list[dict]:
-    """Each row's prompt (system + history + prompt, with the chat template) and its completions ``sides``, each
-    completion the same span SFT supervises."""
+def _preference_texts(rows: list[dict], sides: tuple[str, ...], renderer: Renderer) -> list[str]:
+    """Per row: the rendered prompt, then each completion in ``sides``."""
     texts = []
     for row in rows:
         prompt_text, completions = renderer.prompt_and_completions(renderer.prepare(row["prompt"]),
                                                                    [row[side] for side in sides])
         texts += [prompt_text, *completions]
-    ids = _encode(tokenizer, texts)
+    return texts
+
+
+def _encode_preference(rows: list[dict], sides: tuple[str, ...], tokenizer, renderer: Renderer, max_length: int,
+                       max_prompt_length: int) -> list[dict]:
+    """Each row's prompt (system + history + prompt, with the chat template) and its completions ``sides``, each
+    completion the same span SFT supervises."""
+    ids = _encode(tokenizer, _preference_texts(rows, sides, renderer))
     bos = tokenizer.convert_tokens_to_ids(renderer.bos) if renderer.bos else None
     width = 1 + len(sides)
     return [_cut(ids[width * k], ids[width * k + 1: width * k + width], max_length, max_prompt_length, bos)
@@ -274,12 +279,7 @@ def token_length_warnings(rows: list[dict], kind: str, tokenizer, renderer: Rend
         return []  # pretraining text is packed into blocks: nothing is cut
     max_prompt_length = prompt_budget(max_length, max_prompt_length)
     sides = ("chosen", "rejected") if kind == "dpo" else ("completion",)
-    texts = []
-    for row in rows:
-        prompt_text, completions = renderer.prompt_and_completions(renderer.prepare(row["prompt"]),
-                                                                   [row[side] for side in sides])
-        texts += [prompt_text, *completions]
-    lengths = [len(ids) for ids in _encode(tokenizer, texts)]
+    lengths = [len(ids) for ids in _encode(tokenizer, _preference_texts(rows, sides, renderer))]
     width = 1 + len(sides)
     out = []
     for k, row in enumerate(rows):
@@ -293,12 +293,11 @@ def token_length_warnings(rows: list[dict], kind: str, tokenizer, renderer: Rend
         longest = max(completions)
         side = sides[completions.index(longest)]
         if kept + longest > max_length:
-            what = "response_truncated" if kind == "dpo" else "completion_truncated"
-            noun = f"{side} response" if kind == "dpo" else "completion"
+            what, noun, cut = (("response_truncated", f"{side} response", "response") if kind == "dpo"
+                               else ("completion_truncated", "completion", "completion"))
             out.append(RowWarning(loc, side, what,
                                   f"prompt + {noun} is {kept + longest} tokens, over max_length="
-                                  f"{max_length} (the {'response' if kind == 'dpo' else 'completion'} will be cut "
-                                  f"to {max_length - kept} tokens)"))
+                                  f"{max_length} (the {cut} will be cut to {max_length - kept} tokens)"))
     return out
 
 

@@ -17,11 +17,10 @@ from trl import KTOConfig, KTOTrainer
 from dpo_dist.config.profiles import Profile
 from dpo_dist.config.recipe import StageConfig
 from dpo_dist.data.grouping import LengthGroupedTrainer, grouping_for
+from dpo_dist.data.tokenize import IGNORE
 from dpo_dist.reliability.guard import GuardedTrainer
 from dpo_dist.training.common import training_kwargs
 from dpo_dist.training.dpo.logps import install_compact_head
-
-IGNORE = -100
 
 
 def _experimental():
@@ -99,11 +98,9 @@ def build_kto_trainer(stage: StageConfig, args: KTOConfig, model, tokenizer, tra
         # TRL's KTO asks the model's fused head for log-probs, entropy and mean logits: the compact head gives them
         # from the completion tokens only.
         policy = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
-        install_compact_head(policy, ("log_probs", "entropy", "mean_logits"), stage.train.logps_vocab_chunk, False)
         reference = getattr(trainer.ref_model, "module", trainer.ref_model)
-        if reference is not None:
-            install_compact_head(reference, ("log_probs", "entropy", "mean_logits"), stage.train.logps_vocab_chunk,
-                                 False)
+        for model in (policy, reference) if reference is not None else (policy,):
+            install_compact_head(model, ("log_probs", "entropy", "mean_logits"), stage.train.logps_vocab_chunk, False)
     return trainer
 
 
