@@ -126,6 +126,40 @@ def test_dpo_rewards_match_log_probs_computed_by_hand(capsys, tiny_base, adapter
     assert alone["metrics"] == pytest.approx(got["metrics"], abs=1e-6)
 
 
+def test_unpaired_rows_get_rewards_per_label_and_a_sign_accuracy(capsys, tiny_base, adapters, tmp_path):
+    # The unpaired form of PAIRS: each desirable row is a pair's chosen answer, each undesirable one its rejected
+    # answer, so every row's log-probs are the pair's, computed by hand as above.
+    from peft import PeftModel
+
+    beta = 0.5
+    rows = [{"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
+            for p in PAIRS for side in ("chosen", "rejected")]
+    got = run_eval(capsys, tiny_base, "--adapter", adapters["random"], "--data",
+                   write_jsonl(tmp_path / "kto.jsonl", rows), "--template", "qwen", "--beta", beta, "--batch-size", 4)
+    assert (got["kind"], got["format"], got["rows"], got["beta"]) == ("kto", "unpaired", 6, beta)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    policy_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), adapters["random"]).eval()
+    policy = [pair_logps(policy_model, tokenizer, row) for row in PAIRS]
+    rewards = [(beta * (pc - rc), beta * (pr - rr)) for (pc, pr), (rc, rr) in
+               zip(policy, [pair_logps(base, tokenizer, row) for row in PAIRS])]
+    n = len(PAIRS)
+    expected = {
+        "reward_accuracy": sum((c > 0) + (r < 0) for c, r in rewards) / (2 * n),
+        "reward_desirable": sum(c for c, _ in rewards) / n,
+        "reward_undesirable": sum(r for _, r in rewards) / n,
+        "reward_margin": sum(c - r for c, r in rewards) / n,
+        "logp_desirable": sum(c for c, _ in policy) / n,
+        "logp_undesirable": sum(r for _, r in policy) / n,
+    }
+    assert 0 < expected["reward_accuracy"] < 1  # the random adapter gets some signs right and some wrong
+    assert got["metrics"] == pytest.approx(expected, abs=1e-5)
+
+    # Without a reference (a full model, no --ref) only the policy's log-probs remain, with a note saying why.
+    alone = run_eval(capsys, tiny_base, "--data", tmp_path / "kto.jsonl", "--template", "qwen")
+    assert set(alone["metrics"]) == {"logp_desirable", "logp_undesirable"} and alone["notes"]
+
+
 def test_swapping_chosen_and_rejected_flips_margin_and_accuracy(capsys, tiny_base, adapters, pairs, tmp_path):
     swapped = write_jsonl(tmp_path / "swapped.jsonl",
                           [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in PAIRS])

@@ -5,6 +5,9 @@
   counts as wrong, as in TRL), mean margin, mean chosen/rejected rewards, and the policy's own log-prob accuracy.
   The reference of an adapter is its base with the adapter disabled (one copy of the weights, as in training).
   A full model needs `--ref MODEL` for rewards; without it only the log-prob metrics are reported, with a note.
+- Unpaired (KTO) data: the same implicit reward per row, reported for desirable and undesirable rows apart, and
+  reward accuracy = how often its sign agrees with the label (r > 0 for a desirable row, r < 0 for an undesirable
+  one; 0 counts as wrong). The policy's mean log-probs per label are reported with or without a reference.
 - SFT data: the mean token negative log-likelihood over assistant tokens, weighted by tokens across the file, and
   perplexity = exp(loss). Pretraining text: the same over the packed blocks training sees.
 
@@ -26,7 +29,8 @@ from dpo_dist.config.schema import ConfigError
 if TYPE_CHECKING:
     from dpo_dist.data.tokenize import Prepared
 
-KINDS = ("dpo", "sft", "pretrain")  # --format auto tries them in this order
+KINDS = ("dpo", "kto", "sft", "pretrain")  # --format auto tries them in this order
+REWARDED = ("dpo", "kto")  # kinds scored against a reference
 
 
 @dataclass
@@ -60,10 +64,10 @@ def resolve_kind(source: str, kind: str, fmt: str, split: str) -> str:
         usable = {k: len(scan_source(source, k, "auto", split).rows) for k in KINDS}
     except DataError as err:
         raise ConfigError(str(err)) from None
-    best = max(KINDS, key=lambda k: usable[k])  # max keeps the first of equals: dpo, then sft
+    best = max(KINDS, key=lambda k: usable[k])  # max keeps the first of equals: dpo, then kto, then sft
     if not usable[best]:
-        raise ConfigError(f"{source}: no row matches a dpo, sft or pretrain format; `dpo-dist validate --data "
-                          f"{source} --format dpo|sft|pretrain` lists the rows and why")
+        raise ConfigError(f"{source}: no row matches a dpo, kto, sft or pretrain format; `dpo-dist validate --data "
+                          f"{source} --format dpo|kto|sft|pretrain` lists the rows and why")
     return best
 
 
@@ -74,7 +78,7 @@ def load_data(args, kind: str, tokenizer, renderer, log) -> "Prepared":
 
     try:
         return prepare_dataset(kind, args.data, tokenizer, renderer, max_length=args.max_length,
-                               max_prompt_length=args.max_prompt_length if kind == "dpo" else None,
+                               max_prompt_length=args.max_prompt_length if kind in REWARDED else None,
                                fmt=args.data_format, on_bad_row=args.on_bad_row, split=args.split,
                                max_rows=args.max_rows, log=log)
     except DataError as err:
@@ -89,8 +93,8 @@ class Scorer:
     dtype: str
 
 
-def load_scorer(target: Target, ref: str | None, dpo: bool, dtype: str, trust_remote_code: bool) -> Scorer:
-    """The policy, and for DPO data the reference: an adapter's own base (the product's rule: one copy of the
+def load_scorer(target: Target, ref: str | None, rewarded: bool, dtype: str, trust_remote_code: bool) -> Scorer:
+    """The policy, and for preference data the reference: an adapter's own base (the product's rule: one copy of the
     weights, the adapter disabled, as in training), else --ref's model, else none."""
     import torch
 
@@ -108,7 +112,7 @@ def load_scorer(target: Target, ref: str | None, dpo: bool, dtype: str, trust_re
                 return summed_logps(model, batch)
 
         return Scorer(model, adapter_disabled, "base with the adapter disabled", dtype)
-    if not (ref and dpo):
+    if not (ref and rewarded):
         return Scorer(model, None, None, dtype)
     ref_model = load_model(ref, what="--ref", **common)
     if ref_model.get_input_embeddings().num_embeddings != model.get_input_embeddings().num_embeddings:
@@ -190,6 +194,55 @@ def dpo_metrics(policy, reference, beta: float) -> dict:
     return out
 
 
+def score_kto(model, reference: Callable | None, dataset, batch_size: int, pad_id: int):
+    """Policy log-probs of each row's completion, the reference's (None without one), and the labels."""
+    import torch
+    from torch.nn.utils.rnn import pad_sequence
+
+    from dpo_dist.inference.scoring import summed_logps
+
+    def padded(seqs, value):
+        return pad_sequence([torch.tensor(s, dtype=torch.long) for s in seqs], batch_first=True, padding_value=value)
+
+    policy, ref, labels = [], [], []
+    progress = Progress(len(dataset), "rows")
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            rows = dataset.select(range(start, min(start + batch_size, len(dataset))))
+            seqs = [r["prompt_ids"] + r["completion_ids"] for r in rows]
+            batch = {"input_ids": padded(seqs, pad_id), "attention_mask": padded([[1] * len(s) for s in seqs], 0),
+                     "completion_mask": padded([[0] * len(r["prompt_ids"]) + [1] * len(r["completion_ids"])
+                                                for r in rows], 0)}
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            policy.append(summed_logps(model, batch).cpu())
+            if reference is not None:
+                ref.append(reference(batch).cpu())
+            labels += [bool(r["label"]) for r in rows]
+            progress.update(start + len(rows))
+    return torch.cat(policy), (torch.cat(ref) if ref else None), torch.tensor(labels, dtype=torch.bool)
+
+
+def kto_metrics(policy, reference, labels, beta: float) -> dict:
+    """Per-label means (a label with no rows is left out) and, with a reference, the reward's sign accuracy."""
+    out = {}
+    if reference is not None:
+        reward = beta * (policy - reference)
+        out["reward_accuracy"] = _mean((reward > 0) == labels)
+        for name, side in (("desirable", labels), ("undesirable", ~labels)):
+            if side.any():
+                out[f"reward_{name}"] = _mean(reward[side])
+        if labels.any() and (~labels).any():
+            out["reward_margin"] = out["reward_desirable"] - out["reward_undesirable"]
+    for name, side in (("desirable", labels), ("undesirable", ~labels)):
+        if side.any():
+            out[f"logp_{name}"] = _mean(policy[side])
+    return out
+
+
+def _mean(values) -> float:
+    return values.double().mean().item()
+
+
 def score_nll(model, dataset, batch_size: int, pad_id: int) -> dict:
     """Token-weighted mean NLL over the labelled tokens (assistant turns; every token of pretraining blocks)."""
     import torch
@@ -248,9 +301,10 @@ def evaluate(args, log=lambda line: print(line, file=sys.stderr)) -> dict:
     check_args(args)
     target = resolve_target(args.model, args.adapter)
     kind = resolve_kind(args.data, args.format, args.data_format, args.split)
-    dpo = kind == "dpo"
-    if args.ref and not dpo:
-        raise ConfigError(f"--ref: a reference is only used on DPO data; {args.data} is {kind} data")
+    rewarded = kind in REWARDED
+    if args.ref and not rewarded:
+        raise ConfigError(f"--ref: a reference is only used on preference data (dpo or kto); {args.data} is {kind} "
+                          "data")
     if args.ref and target.adapter:
         raise ConfigError("--ref: an adapter's reference is its own base with the adapter disabled (no second copy "
                           "of the weights is loaded); drop --ref")
@@ -269,25 +323,31 @@ def evaluate(args, log=lambda line: print(line, file=sys.stderr)) -> dict:
         raise ConfigError(f"{flag}: {err}") from None
 
     # ---- models: the policy, and the reference it is measured against ----------------------------------------------
-    scorer = load_scorer(target, args.ref, dpo, pick_dtype(args.dtype), args.trust_remote_code)
+    scorer = load_scorer(target, args.ref, rewarded, pick_dtype(args.dtype), args.trust_remote_code)
     notes = []
-    if dpo and scorer.reference is None:
+    if rewarded and scorer.reference is None:
         notes.append("no reference (a full model without --ref): reward metrics are omitted; give --ref MODEL "
                      "(e.g. the SFT model DPO started from) for rewards")
 
     # ---- score ------------------------------------------------------------------------------------------------------
     pad_id = tokenizer.pad_token_id
-    if dpo:
+    if kind == "dpo":
         policy, ref = score_dpo(scorer.model, scorer.reference, prepared.dataset, args.batch_size, pad_id)
         metrics = dpo_metrics(policy, ref, args.beta)
+    elif kind == "kto":
+        policy, ref, labels = score_kto(scorer.model, scorer.reference, prepared.dataset, args.batch_size, pad_id)
+        metrics = kto_metrics(policy, ref, labels, args.beta)
+        if labels.all() or not labels.any():
+            notes.append(f"every row is {'desirable' if labels.all() else 'undesirable'}: the other label's "
+                         "metrics and the margin are omitted")
     else:
         metrics = score_nll(scorer.model, prepared.dataset, args.batch_size, pad_id)
     report = prepared.report
     return {
         "model": target.base, "adapter": target.adapter, "reference": scorer.reference_name,
         "data": args.data, "kind": kind, "format": report["format"], "template": renderer.name,
-        "beta": args.beta if dpo else None, "dtype": scorer.dtype, "max_length": args.max_length,
-        "max_prompt_length": prompt_budget(args.max_length, args.max_prompt_length) if dpo else None,
+        "beta": args.beta if rewarded else None, "dtype": scorer.dtype, "max_length": args.max_length,
+        "max_prompt_length": prompt_budget(args.max_length, args.max_prompt_length) if rewarded else None,
         "rows": report["rows"], "examples": report["examples"], "truncated": report.get("truncated", 0),
         "skipped": report["skipped"], "warnings": report["warnings"],
         "metrics": metrics, "notes": notes,
@@ -299,6 +359,8 @@ LABELS = {  # metric key -> table label
     "reward_chosen": "reward chosen (mean)", "reward_rejected": "reward rejected (mean)",
     "logp_accuracy": "policy logp accuracy", "logp_margin": "policy logp margin (mean)",
     "logp_chosen": "policy logp chosen (mean)", "logp_rejected": "policy logp rejected (mean)",
+    "reward_desirable": "reward desirable (mean)", "reward_undesirable": "reward undesirable (mean)",
+    "logp_desirable": "policy logp desirable (mean)", "logp_undesirable": "policy logp undesirable (mean)",
     "loss": "loss (token NLL)", "perplexity": "perplexity", "scored_tokens": "scored tokens",
 }
 
@@ -307,7 +369,7 @@ def table(result: dict) -> str:
     what = result["model"] + (f" + adapter {result['adapter']}" if result["adapter"] else "")
     head = [f"model:     {what}",
             f"data:      {result['data']} ({result['kind']}, format {result['format']}, template {result['template']})"]
-    if result["kind"] == "dpo":
+    if result["kind"] in REWARDED:
         head.append(f"reference: {result['reference'] or 'none'}   beta: {result['beta']}")
     rows = [("rows", result["rows"])]
     if result["kind"] == "pretrain":
@@ -340,27 +402,28 @@ def run(args) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="held-out metrics: DPO reward accuracy and margin, or SFT loss and perplexity")
+    p = sub.add_parser("eval", help="held-out metrics: DPO or KTO reward accuracy and margin, or SFT loss and "
+                       "perplexity")
     p.add_argument("model", metavar="MODEL", help="model directory or hub name, or an adapter directory "
                    "(its base is read from adapter_config.json)")
     p.add_argument("--adapter", metavar="DIR", help="LoRA/QLoRA adapter on MODEL; the DPO reference is then MODEL "
                    "with the adapter disabled")
-    p.add_argument("--ref", metavar="MODEL", help="reference for DPO rewards of a full model (e.g. the SFT model DPO "
+    p.add_argument("--ref", metavar="MODEL", help="reference for DPO/KTO rewards of a full model (e.g. the SFT model DPO "
                    "started from); without it only the policy's log-prob metrics are reported")
     p.add_argument("--data", required=True, metavar="FILE", help="held-out .jsonl/.json/.parquet file "
                    "(or Hugging Face dataset)")
     p.add_argument("--format", default="auto", choices=["auto", *KINDS],
                    help="kind of data (default: detected from the rows' keys)")
     p.add_argument("--data-format", default="auto", help="firefly, openai, sharegpt, alpaca, pair, ultrafeedback, "
-                   "text or auto (default)")
+                   "unpaired, text or auto (default)")
     p.add_argument("--split", default="train", help="split of a Hugging Face dataset (default train)")
     p.add_argument("--on-bad-row", default="error", choices=["error", "skip"],
                    help="stop at the first bad row (default) or skip bad rows and count them")
     p.add_argument("--template", metavar="NAME", help="chat template (default: the tokenizer's own, else default)")
-    p.add_argument("--beta", type=float, default=0.1, help="DPO β of the implicit reward (default 0.1)")
+    p.add_argument("--beta", type=float, default=0.1, help="β of the DPO/KTO implicit reward (default 0.1)")
     p.add_argument("--max-length", type=int, default=1024, help="token limit per sequence, as in training "
                    "(default 1024)")
-    p.add_argument("--max-prompt-length", type=int, metavar="N", help="DPO prompt token limit (default: "
+    p.add_argument("--max-prompt-length", type=int, metavar="N", help="DPO/KTO prompt token limit (default: "
                    "max-length/2)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
     p.add_argument("--max-rows", type=int, metavar="N", help="score only the first N rows")

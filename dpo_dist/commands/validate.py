@@ -336,7 +336,7 @@ def add_parser(sub) -> None:
     p.add_argument("--data", metavar="FILE", help="check this file (or pretrain directory) instead of a recipe")
     p.add_argument("--format", dest="kind", choices=list(KINDS), help="with --data: the kind of data")
     p.add_argument("--data-format", default="auto", help="with --data: firefly, openai, sharegpt, alpaca, pair, "
-                   "ultrafeedback, text or auto (default)")
+                   "ultrafeedback, unpaired, text or auto (default)")
     p.add_argument("--split", default="train", help="with --data: split of a Hugging Face dataset (default train)")
     p.add_argument("--tokenizer", metavar="PATH", help="with --data: tokenizer for token-length checks")
     p.add_argument("--template", help="with --tokenizer: chat template name (default: the tokenizer's own)")

@@ -121,7 +121,8 @@ PATCHES: tuple[Patch, ...] = (
         kind="override",
         why="trl 1.16 extracts, unpairs, templates and re-tokenizes every row unconditionally; dpo-dist's kto rows "
             "are tokenized with the recipe's template and max_prompt_length, so only TRL's KL pairing (each "
-            "completion with the previous row's prompt, within a micro-batch) is redone, the same way.",
+            "completion with the previous row's prompt) is redone, within each global batch instead of each "
+            "micro-batch so that the pairs are the same under every profile.",
         test="tests/test_preference.py::test_kto_chains_after_sft_with_the_adapter_off_reference_and_the_compact_"
              "head_gives_trls_numbers",
         remove_when="when KTOTrainer leaves a dataset that already holds prompt_ids/completion_ids/label as it is "
@@ -137,6 +138,31 @@ PATCHES: tuple[Patch, ...] = (
             "pre-tokenized path); dpo-dist's pairs are tokenized as for DPO and only take TRL's column layout.",
         test="tests/test_preference.py::test_orpo_and_cpo_train_reference_free_on_the_dpo_pairs",
         remove_when="when ORPO/CPO accept rows that already hold prompt_ids/chosen_ids/rejected_ids",
+        sites=("dpo_dist/training/preference.py",),
+    ),
+    Patch(
+        name="trl-kto-global-kl",
+        library="trl",
+        target="trl.KTOTrainer._compute_kl_logps (and get_batch_samples, _compute_loss)",
+        kind="override",
+        why="trl 1.16 estimates KTO's KL baseline per micro-batch, averaged over the ranks of that micro-batch, so "
+            "profiles that split the global batch differently train on different baselines; dpo-dist measures it "
+            "once per optimizer step over the whole global batch and TRL's loss reads that value.",
+        test="tests/test_distributed.py::test_parity_fp32_kto_orpo_cpo_across_ddp_fsdp_zero3",
+        remove_when="when KTOTrainer estimates the KL baseline over the optimizer step's global batch",
+        sites=("dpo_dist/training/preference.py",),
+    ),
+    Patch(
+        name="trl-orpo-cpo-global-nll",
+        library="trl",
+        target="trl.experimental.orpo.ORPOTrainer.concatenated_forward, "
+               "trl.experimental.cpo.CPOTrainer.concatenated_forward",
+        kind="override",
+        why="trl 1.16 averages the ORPO/CPO NLL term over each micro-batch's tokens, so profiles that split the "
+            "global batch differently weight rows differently; dpo-dist rescales each micro-batch's term so the "
+            "step's NLL is a token mean over the global batch, as SFT's loss is.",
+        test="tests/test_distributed.py::test_parity_fp32_kto_orpo_cpo_across_ddp_fsdp_zero3",
+        remove_when="when ORPO/CPO take the NLL term's token count over the global batch (num_items_in_batch)",
         sites=("dpo_dist/training/preference.py",),
     ),
     Patch(

@@ -1,7 +1,7 @@
 """`dpo-dist parity`: run one seeded recipe under several profiles and prove they learn the same thing.
 
 Each profile trains the recipe (dropout 0, a log line per step) through `dpo-dist launch`. Then, per stage, the
-per-step loss, DPO reward margins and gradient norms, and the final adapter (or model) weights are compared with
+per-step loss, reward margins, KTO's KL baseline and gradient norms, and the final adapter (or model) weights are compared with
 the first profile's. A series' difference is relative to its largest magnitude: max_t |a_t − b_t| / max_t |a_t|
 (DPO margins start at exactly 0, so a per-step ratio would be undefined). A weight difference is the relative
 L2 norm ‖a − b‖ / ‖a‖, the largest over all tensors.
@@ -20,7 +20,7 @@ from dpo_dist.config.profiles import load_profile
 from dpo_dist.config.recipe import load_recipe
 from dpo_dist.config.schema import ConfigError
 
-SERIES = ("loss", "rewards/margins", "grad_norm")
+SERIES = ("loss", "rewards/margins", "kl", "grad_norm")
 FP32_TOLERANCE = {"series": 1e-4, "weights": 1e-4}
 # bf16 keeps 8 significant bits (rounding 2^-9 ≈ 2e-3 per operation), and sharded backends reduce in another
 # order, so per-step numbers differ by a few roundings: 1e-2 for the series. Weights drift further: Adam scales
