@@ -147,7 +147,7 @@ class KernelSpy:
 
 
 def dpo_trainer(tiny_base, tmp_path, compact: bool, method: str = "lora", chunk: int = 100, ref_cache: bool = False,
-                padding_free=False, attn: str = "sdpa", **stage_keys):
+                padding_free=False, attn: str = "sdpa", log=print, **stage_keys):
     """A LoRA (or full) DPO trainer on 8 tokenized pairs; `stage_keys` are more StageConfig keys (loss_type, ...)."""
     import torch
     from transformers import AutoTokenizer
@@ -176,7 +176,7 @@ def dpo_trainer(tiny_base, tmp_path, compact: bool, method: str = "lora", chunk:
     peft = lora_config(MethodConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0)) if method != "full" else None
     profile = Profile(name="t", micro_batch_size=4, precision="fp32", attn_implementation=attn)
     args = dpo_args(stage, profile, tmp_path / f"run-{compact}", 0, 1)
-    return build_dpo_trainer(stage, args, model, tok, ds, None, peft, [])
+    return build_dpo_trainer(stage, args, model, tok, ds, None, peft, [], log=log)
 
 
 def perturb(trainer) -> None:

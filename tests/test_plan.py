@@ -143,6 +143,33 @@ def test_dpo_runs_twice_the_tokens_and_checkpointing_cuts_activations():
     assert plain.per_gpu_gib > sft.per_gpu_gib
 
 
+def test_kto_orpo_and_cpo_plan_as_their_trainers_run():
+    # ORPO and CPO: chosen + rejected in one forward, as DPO, and no reference. KTO: one sequence per row, and a
+    # reference as DPO's (free with an adapter, a frozen copy for full fine-tuning).
+    dpo, orpo, cpo, kto, sft = (plan(PlanInput(QWEN7, method="full", stage=s)) for s in
+                                ("dpo", "orpo", "cpo", "kto", "sft"))
+    for paired in (orpo, cpo):
+        assert paired.gib("act_checkpoints") == pytest.approx(dpo.gib("act_checkpoints"))
+        assert "reference" not in {i.key for i in paired.items}
+    assert kto.gib("act_checkpoints") == pytest.approx(sft.gib("act_checkpoints"))
+    assert kto.gib("reference") == pytest.approx(dpo.gib("reference")) and dpo.gib("reference") > 0
+    assert plan(PlanInput(QWEN7, method="lora", stage="kto")).gib("reference") == 0
+
+
+def test_a_recipe_whose_last_stage_is_kto_orpo_or_cpo_is_planned(capsys, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", "qwen2.5-7b")
+    text = recipe.read_text().replace("stage: dpo\n    data: {train: data/dpo.jsonl, format: pair}",
+                                      "stage: kto\n    data: {train: data/kto.jsonl, format: unpaired}")
+    recipe.write_text(text + """  - stage: orpo
+    data: {train: data/dpo.jsonl, format: pair}
+    max_length: 512
+""")
+    orpo, kto = plan_json(capsys, "--model", str(recipe)), plan_json(capsys, "--model", str(recipe), "--stage", "kto")
+    assert (orpo["inputs"]["stage"], kto["inputs"]["stage"]) == ("orpo", "kto")  # the last stage by default
+    assert [i["label"] for i in kto["items"] if i["key"] == "reference"] == ["KTO reference model"]
+    assert not [i for i in orpo["items"] if i["key"] == "reference"]
+
+
 def test_optimizer_and_quantization_choices_change_what_they_should():
     base = PlanInput(QWEN7, method="full", precision="bf16")
     eight_bit = plan(replace(base, optim="adamw_8bit")).gib("optimizer")

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 GIB = 2 ** 30
 METHODS = ("full", "lora", "qlora")
-STAGES = ("sft", "dpo", "pretrain")
+STAGES = ("sft", "dpo", "kto", "orpo", "cpo", "pretrain")
+PAIRED_STAGES = ("dpo", "orpo", "cpo")  # one forward holds chosen and rejected: twice the sequences
+REFERENCE_STAGES = ("dpo", "kto")  # a reference model scores the rows (orpo and cpo are reference-free)
 PRECISIONS = {"bf16": 2, "fp16": 2, "fp32": 4}  # bytes of a value in the compute dtype
 LAYOUTS = ("single", "ddp", "fsdp", "fsdp-offload", "zero3", "zero3-offload")
 LAYOUT_TEXT = {

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from dpo_dist.config.schema import ConfigError
 from dpo_dist.planner.arch import Arch, fmt_count
 from dpo_dist.planner.constants import (
-    GIB, METHODS, STAGES, PRECISIONS, LAYOUTS, NF4_BYTES, QUANT_STATE_BYTES, CUDA_CONTEXT_GIB, NCCL_GIB,
+    GIB, METHODS, STAGES, PAIRED_STAGES, REFERENCE_STAGES, PRECISIONS, LAYOUTS, NF4_BYTES, QUANT_STATE_BYTES, CUDA_CONTEXT_GIB, NCCL_GIB,
     ALLOCATOR_OVERHEAD, FSDP_UNITS_IN_FLIGHT, ZERO3_MAX_LIVE_ELEMENTS, LOGIT_FP32_COPIES, OPTIMIZERS)
 
 
@@ -78,8 +78,9 @@ class PlanInput:
 
     @property
     def tokens(self) -> int:
-        """Tokens in one micro-batch on one GPU: DPO runs chosen and rejected, twice the sequences."""
-        return self.micro_batch * self.seq * (2 if self.stage == "dpo" else 1)
+        """Tokens in one micro-batch on one GPU: DPO, ORPO and CPO run chosen and rejected, twice the sequences
+        (KTO's KL sequences go through a forward without gradients, whose activations are not kept)."""
+        return self.micro_batch * self.seq * (2 if self.stage in PAIRED_STAGES else 1)
 
 
 def refusal_of(inp: PlanInput) -> str | None:
@@ -242,16 +243,17 @@ def _trainable(inp: PlanInput, p: Plan) -> None:
 
 
 def _reference(inp: PlanInput, p: Plan) -> None:
-    if inp.stage != "dpo":
+    if inp.stage not in REFERENCE_STAGES:
         return
+    what = inp.stage.upper()
     if inp.method != "full":
-        _add(p, "reference", "DPO reference model", 0, "0: the policy's own base with the adapter disabled")
+        _add(p, "reference", f"{what} reference model", 0, "0: the policy's own base with the adapter disabled")
         return
-    # trl's DPOTrainer loads the reference in the policy's dtype (fp32 for full fine-tuning, whatever the precision:
-    # model_dtype), and shards or offloads it with the policy; only ZeRO-3's zero.Init stores it in 16-bit.
+    # trl's DPOTrainer (and KTOTrainer, with a copy of the policy) loads the reference in the policy's dtype (fp32
+    # for full fine-tuning, whatever the precision: model_dtype), and shards or offloads it with the policy; only ZeRO-3's zero.Init stores it in 16-bit.
     b = 2 if half_precision(inp) and inp.layout.startswith("zero3") else 4
     n = inp.arch.total_params()
-    _add(p, "reference", "DPO reference model (frozen full copy)", n * b / inp.shards,
+    _add(p, "reference", f"{what} reference model (frozen full copy)", n * b / inp.shards,
          f"{fmt_count(n)} × {b} B{_share(inp)}", "cpu" if inp.offload else "gpu")
 
 
@@ -336,7 +338,7 @@ def _activations(inp: PlanInput, p: Plan) -> None:
     arch, a, T = inp.arch, PRECISIONS[inp.precision], inp.tokens
     ah = stream_bytes(inp)
     h, i, L, V = arch.hidden_size, arch.intermediate_size, arch.num_layers, arch.vocab_size
-    seqs = f"{inp.micro_batch} × {inp.seq}" + (" × 2 (chosen + rejected)" if inp.stage == "dpo" else "")
+    seqs = f"{inp.micro_batch} × {inp.seq}" + (" × 2 (chosen + rejected)" if inp.stage in PAIRED_STAGES else "")
     per_token, per_token_text = layer_bytes_per_token(inp)
     i_eff = i * (arch.experts_per_token or 1)
     backward = T * (3 * i_eff + 2 * h) * a  # gradients alive while one layer differentiates

@@ -102,8 +102,16 @@ def dpo_args(stage: StageConfig, profile: Profile, run_dir: Path, seed: int, wor
     )
 
 
+MICRO_BATCH_LOSSES = ("aot", "aot_unpaired")  # TRL sorts their log-ratios over the rows of one micro-batch
+
+
 def build_dpo_trainer(stage: StageConfig, args: DPOConfig, model, tokenizer, train_ds, eval_ds, peft_config,
                       callbacks, ref_model=None, log=print):
+    sorted_losses = [loss for loss in stage.loss_types if loss in MICRO_BATCH_LOSSES]
+    if sorted_losses:
+        log(f"[train] {stage.name}: loss {', '.join(sorted_losses)} sorts the log-ratios within each micro-batch, so "
+            f"its numbers depend on the profile's micro_batch_size ({args.per_device_train_batch_size} here); "
+            "profiles with the same micro-batch size agree")
     trainer = PretokenizedDPOTrainer(
         model=model,
         ref_model=ref_model,
