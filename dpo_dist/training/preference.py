@@ -79,6 +79,7 @@ class PretokenizedKTOTrainer(LengthGroupedTrainer, GuardedTrainer, KTOTrainer):
         device = self.accelerator.device
         totals = torch.zeros(2, dtype=torch.float64, device=device)  # sum of log-ratios, number of KL pairs
         adapter_off = self.ref_model is None and is_peft_model(self.model)  # TRL's own choice of reference
+        self.model_wrapped.train()  # as training_step leaves it (dropout, 4-bit kernels), before the step's first call
         for batch in batches:
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             with torch.no_grad(), self.compute_loss_context_manager():
