@@ -408,8 +408,8 @@ def add_parser(sub) -> None:
                    "(its base is read from adapter_config.json)")
     p.add_argument("--adapter", metavar="DIR", help="LoRA/QLoRA adapter on MODEL; the DPO reference is then MODEL "
                    "with the adapter disabled")
-    p.add_argument("--ref", metavar="MODEL", help="reference for DPO/KTO rewards of a full model (e.g. the SFT model DPO "
-                   "started from); without it only the policy's log-prob metrics are reported")
+    p.add_argument("--ref", metavar="MODEL", help="reference for DPO/KTO rewards of a full model (e.g. the SFT "
+                   "model DPO started from); without it only the policy's log-prob metrics are reported")
     p.add_argument("--data", required=True, metavar="FILE", help="held-out .jsonl/.json/.parquet file "
                    "(or Hugging Face dataset)")
     p.add_argument("--format", default="auto", choices=["auto", *KINDS],

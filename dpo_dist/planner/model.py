@@ -13,7 +13,8 @@ from dataclasses import dataclass, field, replace
 from dpo_dist.config.schema import ConfigError
 from dpo_dist.planner.arch import Arch, fmt_count
 from dpo_dist.planner.constants import (
-    GIB, METHODS, STAGES, PAIRED_STAGES, REFERENCE_STAGES, PRECISIONS, LAYOUTS, NF4_BYTES, QUANT_STATE_BYTES, CUDA_CONTEXT_GIB, NCCL_GIB,
+    GIB, METHODS, STAGES, PAIRED_STAGES, REFERENCE_STAGES, PRECISIONS, LAYOUTS, NF4_BYTES, QUANT_STATE_BYTES,
+    CUDA_CONTEXT_GIB, NCCL_GIB,
     ALLOCATOR_OVERHEAD, FSDP_UNITS_IN_FLIGHT, ZERO3_MAX_LIVE_ELEMENTS, LOGIT_FP32_COPIES, OPTIMIZERS)
 
 
@@ -250,7 +251,8 @@ def _reference(inp: PlanInput, p: Plan) -> None:
         _add(p, "reference", f"{what} reference model", 0, "0: the policy's own base with the adapter disabled")
         return
     # trl's DPOTrainer (and KTOTrainer, with a copy of the policy) loads the reference in the policy's dtype (fp32
-    # for full fine-tuning, whatever the precision: model_dtype), and shards or offloads it with the policy; only ZeRO-3's zero.Init stores it in 16-bit.
+    # for full fine-tuning, whatever the precision: model_dtype), and shards or offloads it with the policy; only
+    # ZeRO-3's zero.Init stores it in 16-bit.
     b = 2 if half_precision(inp) and inp.layout.startswith("zero3") else 4
     n = inp.arch.total_params()
     _add(p, "reference", f"{what} reference model (frozen full copy)", n * b / inp.shards,
