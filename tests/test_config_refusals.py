@@ -155,6 +155,10 @@ CASES = [
     ("override of an unknown key", None, "train", None, ["train.learning_rat=1e-4"],
      ["train.learning_rat: unknown key", "did you mean 'train.learning_rate'"]),
     ("unknown --stage", None, "train", None, ["--stage", "rm"], ["--stage rm: no such stage; stages are"]),
+    ("unknown tracker", _set("train.report_to", ["tensorbord"]), "train", None, [],
+     ["train.report_to[0]: 'tensorbord' is not one of", "did you mean 'tensorboard'"]),
+    ("tracker listed twice", _set("train.report_to", ["tensorboard", "tensorboard"]), "train", None, [],
+     ["train.report_to: tensorboard is listed twice"]),
 ]
 
 
@@ -192,6 +196,39 @@ def test_bad_config_is_refused_before_weights_load(case, base, tmp_path, capsys,
     assert err[0].startswith("error: ")
     for text in expected:
         assert text in err[0], f"{text!r} not in {err[0]!r}"
+
+
+@pytest.mark.parametrize("command", ["train", "validate"])
+def test_a_tracker_that_is_not_installed_is_refused_naming_its_extra(command, base, tmp_path, capsys, no_loading,
+                                                                     monkeypatch):
+    # A module mapped to None in sys.modules is one Python cannot import (importlib.util.find_spec returns None):
+    # mlflow is not installed here, whatever this machine has.
+    monkeypatch.setitem(__import__("sys").modules, "mlflow", None)
+    recipe = copy.deepcopy(base)
+    recipe["stages"][1]["train"] = {"report_to": ["tensorboard", "mlflow"]}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    code = train.main([str(path)]) if command == "train" else cli.main(["validate", str(path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1] == (f"error: {path}: stages[1].train.report_to: mlflow is not installed; pip "
+                                     "install 'dpo-dist[mlflow]', or take it off the list"), err
+
+
+def test_report_to_reaches_the_trainer_and_defaults_to_tensorboard():
+    from pathlib import Path
+
+    from dpo_dist.config.profiles import Profile
+    from dpo_dist.config.recipe import recipe_from_dict
+    from dpo_dist.training.common import training_kwargs
+
+    def report_to(train_keys: dict) -> list:
+        stage = recipe_from_dict({"name": "t", "model": {"name_or_path": "m"}, "train": train_keys,
+                                  "stages": [{"stage": "sft", "data": {"train": "x.jsonl"}}]}).stages[0]
+        return training_kwargs(stage, Profile(name="p", micro_batch_size=1), Path("/tmp/r"), 0, 1)["report_to"]
+
+    assert report_to({}) == ["tensorboard"]  # installed with the test extras
+    assert report_to({"report_to": []}) == []
+    assert report_to({"report_to": ["tensorboard"]}) == ["tensorboard"]
 
 
 def test_the_table_has_at_least_twenty_distinct_cases():

@@ -6,6 +6,7 @@ A recipe-level `train:` block holds defaults that each stage's own `train:` bloc
 from __future__ import annotations
 
 import copy
+import importlib.util
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
@@ -93,6 +94,9 @@ class DataConfig:
             raise ConfigError(f"{where}.max_rows: must be positive, got {self.max_rows}")
 
 
+Tracker = Literal["tensorboard", "wandb", "mlflow"]  # each is also the name of its module and of its pip extra
+
+
 @dataclass
 class TrainConfig:
     learning_rate: float = 2e-4  # the peak learning rate (after warmup)
@@ -139,6 +143,9 @@ class TrainConfig:
     torch_compile: bool = False
     torch_compile_backend: str = "inductor"  # with torch_compile: one of torch.compiler.list_backends()
     torch_compile_mode: str | None = None  # e.g. "reduce-overhead", "max-autotune"; null = the backend's default
+    # Experiment trackers the Trainer reports to, through its own integrations (rank 0 only); null = [tensorboard]
+    # when TensorBoard is installed, [] = none. metrics.jsonl is written whatever this says.
+    report_to: list[Tracker] | None = None
 
     def check(self, where: str) -> None:
         if self.learning_rate <= 0:
@@ -170,6 +177,12 @@ class TrainConfig:
         if self.ref_logps_batch_size is not None and self.ref_logps_batch_size <= 0:
             raise ConfigError(f"{where}.ref_logps_batch_size: must be positive, or null for 4 × the micro-batch; "
                               f"got {self.ref_logps_batch_size}")
+        for i, tracker in enumerate(self.report_to or []):
+            if tracker in self.report_to[:i]:
+                raise ConfigError(f"{where}.report_to: {tracker} is listed twice")
+            if importlib.util.find_spec(tracker) is None:
+                raise ConfigError(f"{where}.report_to: {tracker} is not installed; pip install 'dpo-dist[{tracker}]', "
+                                  "or take it off the list")
         if self.save_total_limit is not None and self.save_total_limit <= 0:
             raise ConfigError(f"{where}.save_total_limit: must be positive (the number of checkpoints kept), or null "
                               f"to keep all; got {self.save_total_limit}")

@@ -32,7 +32,10 @@ def training_kwargs(stage: StageConfig, profile: Profile, run_dir: Path, seed: i
     t = stage.train
     precision = precision_of(stage, profile)
     checkpointing = t.gradient_checkpointing if profile.gradient_checkpointing is None else profile.gradient_checkpointing
-    report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+    if t.report_to is not None:
+        report_to = list(t.report_to)
+    else:
+        report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
     return dict(
         output_dir=str(run_dir / "checkpoints"),
         seed=seed,
