@@ -80,6 +80,28 @@ def training_kwargs(stage: StageConfig, profile: Profile, run_dir: Path, seed: i
     )
 
 
+class TrackerConfig(TrainerCallback):
+    """The resolved recipe and profile as the run's config, in each tracker the run reports to (rank 0 only). The
+    Trainer's own integration callbacks come first in its list, so their runs are open by on_train_begin."""
+
+    def __init__(self, config: dict):
+        self.config = json.loads(json.dumps(config, default=str))  # paths as text
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        if "mlflow" in args.report_to:
+            import mlflow
+
+            if mlflow.active_run() is not None:
+                mlflow.log_dict(self.config, "dpo_dist_config.json")
+        if "wandb" in args.report_to:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.config.update({"dpo_dist": self.config}, allow_val_change=True)
+
+
 class MetricsLogger(TrainerCallback):
     """Appends one JSON object per logging step to metrics.jsonl (rank 0 only), with real tokens per second."""
 

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -54,7 +54,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
     from dpo_dist.reliability.faults import Faults, fault_callbacks
     from dpo_dist.reliability.guard import Guard, GuardCallback
     from dpo_dist.distributed.safe_loading import harden_checkpoint_loading
-    from dpo_dist.training.common import MetricsLogger, model_facts, precision_of, save_trained
+    from dpo_dist.training.common import MetricsLogger, TrackerConfig, model_facts, precision_of, save_trained
     from dpo_dist.training.dpo.trainer import build_dpo_trainer, dpo_args
     from dpo_dist.training.preference import (build_kto_trainer, build_pair_trainer, cpo_args, kto_args,
                                               orpo_args)
@@ -72,6 +72,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
     checkpointing = (stage.train.gradient_checkpointing if profile.gradient_checkpointing is None
                      else profile.gradient_checkpointing)
     overrides = trainer_overrides(profile, backend, checkpointing, peft=method != "full")
+    overrides["run_name"] = f"{recipe.name}/{stage.name}"  # the trackers' run name
     timeout = timedelta(seconds=profile.collective_timeout_s)
     cuda = on_cuda(profile)  # the profile's device, never merely a visible GPU
     init_process_group(backend, Launch.from_env(), timeout, cuda)
@@ -112,7 +113,9 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
     guard = Guard(stage.name, run_dir, stage.train.on_nonfinite_loss, stage.train.max_nonfinite_skips,
                   profile.collective_timeout_s, faults, log)
     callbacks = [MetricsLogger(run_dir / "metrics.jsonl"), CheckpointMarker(stage.train.save_total_limit, log), stop,
-                 GuardCallback(guard), *fault_callbacks(faults)]
+                 GuardCallback(guard), *fault_callbacks(faults),
+                 TrackerConfig({"recipe": recipe.to_dict(), "stage": stage.name, "profile": asdict(profile),
+                                "backend": backend.kind})]
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # read by transformers' TB callback
     build = {"dpo": build_dpo_trainer, "kto": build_kto_trainer, "orpo": build_pair_trainer,
              "cpo": build_pair_trainer}.get(kind)
