@@ -79,8 +79,8 @@ def test_a_loss_that_sorts_within_a_micro_batch_says_so_in_the_train_log(tiny_ba
         dpo_trainer(tiny_base, tmp_path, True, loss_type=losses, log=lines.append,
                     **({"loss_weights": [0.5, 0.5]} if isinstance(losses, list) else {}))
     assert not [ln for ln in logs["sigmoid"] if "micro_batch_size" in ln]
-    assert ("[train] dpo: loss aot sorts the log-ratios within each micro-batch, so its numbers depend on the profile's "
-            "micro_batch_size (4 here); profiles with the same micro-batch size agree") in logs["['sigmoid', 'aot']"]
+    assert ("[train] dpo: loss aot sorts the log-ratios within each micro-batch, so its numbers depend on the "
+            "profile's micro_batch_size (4 here); profiles with the same micro-batch size agree") in logs["['sigmoid', 'aot']"]
 
 
 CASES = [{"loss_type": x, **({"label_smoothing": 0.01} if x == "exo_pair" else {})} for x in TRL_LOSSES] + [

@@ -197,29 +197,25 @@ def dpo_metrics(policy, reference, beta: float) -> dict:
 def score_kto(model, reference: Callable | None, dataset, batch_size: int, pad_id: int):
     """Policy log-probs of each row's completion, the reference's (None without one), and the labels."""
     import torch
-    from torch.nn.utils.rnn import pad_sequence
+    from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 
     from dpo_dist.inference.scoring import summed_logps
 
-    def padded(seqs, value):
-        return pad_sequence([torch.tensor(s, dtype=torch.long) for s in seqs], batch_first=True, padding_value=value)
-
+    collate = DataCollatorForUnpairedPreference(pad_token_id=pad_id)  # the training batch layout
     policy, ref, labels = [], [], []
     progress = Progress(len(dataset), "rows")
     with torch.no_grad():
         for start in range(0, len(dataset), batch_size):
             rows = dataset.select(range(start, min(start + batch_size, len(dataset))))
-            seqs = [r["prompt_ids"] + r["completion_ids"] for r in rows]
-            batch = {"input_ids": padded(seqs, pad_id), "attention_mask": padded([[1] * len(s) for s in seqs], 0),
-                     "completion_mask": padded([[0] * len(r["prompt_ids"]) + [1] * len(r["completion_ids"])
-                                                for r in rows], 0)}
+            examples = [{k: r[k] for k in ("prompt_ids", "completion_ids", "label")} for r in rows]
+            batch = collate(examples)
+            labels.append(batch.pop("label").bool())
             batch = {k: v.to(model.device) for k, v in batch.items()}
             policy.append(summed_logps(model, batch).cpu())
             if reference is not None:
                 ref.append(reference(batch).cpu())
-            labels += [bool(r["label"]) for r in rows]
-            progress.update(start + len(rows))
-    return torch.cat(policy), (torch.cat(ref) if ref else None), torch.tensor(labels, dtype=torch.bool)
+            progress.update(start + len(examples))
+    return torch.cat(policy), (torch.cat(ref) if ref else None), torch.cat(labels)
 
 
 def kto_metrics(policy, reference, labels, beta: float) -> dict:

@@ -314,8 +314,8 @@ def add_parser(sub) -> None:
     p.add_argument("--model", "--recipe", dest="model", required=True, help="a preset (e.g. qwen2.5-7b; see docs/planner.md), an HF config.json "
                    "or model directory, or a dpo-dist recipe .yaml")
     p.add_argument("--method", choices=METHODS, help="default: the recipe's, else qlora")
-    p.add_argument("--stage", help="sft, dpo, kto, orpo, cpo or pretrain; with a recipe, which of its stages (name or type; "
-                   "default the last)")
+    p.add_argument("--stage", help="sft, dpo, kto, orpo, cpo or pretrain; with a recipe, which of its stages (name "
+                   "or type; default the last)")
     p.add_argument("--gpus", type=int, default=1, help="GPUs, one process each (default 1)")
     p.add_argument("--gpu-mem", type=float, default=80.0, metavar="GIB", help="memory per GPU in GiB (default 80)")
     p.add_argument("--seq", type=int, help="tokens per sequence (DPO: per chosen/rejected sequence); default: the "

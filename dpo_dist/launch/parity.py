@@ -1,10 +1,10 @@
 """`dpo-dist parity`: run one seeded recipe under several profiles and prove they learn the same thing.
 
 Each profile trains the recipe (dropout 0, a log line per step) through `dpo-dist launch`. Then, per stage, the
-per-step loss, reward margins, KTO's KL baseline and gradient norms, and the final adapter (or model) weights are compared with
-the first profile's. A series' difference is relative to its largest magnitude: max_t |a_t − b_t| / max_t |a_t|
-(DPO margins start at exactly 0, so a per-step ratio would be undefined). A weight difference is the relative
-L2 norm ‖a − b‖ / ‖a‖, the largest over all tensors.
+per-step loss, reward margins, KTO's KL baseline and gradient norms, and the final adapter (or model) weights are
+compared with the first profile's. A series' difference is relative to its largest magnitude:
+max_t |a_t − b_t| / max_t |a_t| (DPO margins start at exactly 0, so a per-step ratio would be undefined). A weight
+difference is the relative L2 norm ‖a − b‖ / ‖a‖, the largest over all tensors.
 """
 from __future__ import annotations
 
