@@ -15,7 +15,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	else \
 		echo "no NVIDIA GPU: installing the CPU build of torch $(TORCH_VERSION)"; $(PIP) install "torch==$(TORCH_VERSION)"; \
 	fi
-	$(PIP) install -e ".[test,tensorboard,mlflow]"
+	$(PIP) install -e ".[test,tensorboard,mlflow,wandb,serve]"
 	touch $@
 
 install: $(VENV)/.installed

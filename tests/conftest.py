@@ -21,6 +21,22 @@ def tiny_base(tmp_path_factory) -> Path:
     return build_base(tmp_path_factory.mktemp("tiny") / "base", hidden=32, layers=2)
 
 
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> tuple[Path, str]:
+    """`dpo-dist demo` run once, as a user runs it (a subprocess): (its --out directory, its stdout). The demo test
+    checks it; the serving tests serve its DPO output."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("demo")
+    out = root / "demo"
+    env = {**os.environ, "DPO_DIST_CACHE": str(root / "cache")}  # its own cache, as every test has
+    proc = subprocess.run([sys.executable, "-m", "dpo_dist.cli", "demo", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     # Each test tokenizes into its own cache, so no test passes because of another's cache entry.

@@ -3,8 +3,9 @@ another test module: what two of them share is here.
 
 - launching: `free_port()`, `run()` (a command in its own session, killed whole on a timeout), `write_recipe()`,
   `summary()`, `losses()`, `steps()`
-- data files: `write_jsonl()`
+- data files: `write_jsonl()`; a base whose greedy replies are not empty: `untied_base()`
 - host reads of tensor values: `host_reads()`
+- answers during training: `sampling_recipe()`, `read_samples()`, `training_numbers()`
 - the DPO trainer in-process: `dpo_trainer()`, `perturb()`, `train_step()`, `KernelSpy`
 """
 from __future__ import annotations
@@ -33,6 +34,19 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def untied_base(tiny_base: Path, out: Path) -> Path:
+    """tiny_base's architecture and tokenizer with larger, untied random weights. tiny_base's small tied weights make
+    greedy decoding repeat the prompt's last token ("\\n"), so every greedy reply would be empty and prove nothing."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(tiny_base, tie_word_embeddings=False, initializer_range=0.3)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(out)
+    return out
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -95,6 +109,47 @@ def steps(run_dir: Path) -> list[int]:
     from dpo_dist.training.common import read_metrics
 
     return [m["step"] for m in read_metrics(run_dir) if "loss" in m]
+
+
+# ---- answers during training (tests/test_samples.py, tests/test_trackers.py) -------------------------------------
+
+SAMPLE_PAIRS = [{"prompt": f"Describe the owl {i}.", "chosen": "It is calm and kind.", "rejected": "It is rude."}
+                for i in range(16)]
+SAMPLE_PROMPTS = [{"prompt": "Describe the owl 3."}, {"messages": [{"role": "user", "content": "Hi"},
+                                                                   {"role": "assistant", "content": "Hello."},
+                                                                   {"role": "user", "content": "Describe a cat."}]}]
+
+
+def sampling_recipe(base, tmp_path, *, sample: dict, report_to=None) -> dict:
+    """SFT with sampling, the same SFT without it (`plain`), and DPO with sampling; unchained, so `sft` and `plain`
+    train the same model on the same rows. LoRA dropout is on: a sampler that left the model in eval mode, or used
+    the random-number state training draws from, would change the losses."""
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"conversation": [{"human": p["prompt"], "assistant": p["chosen"]}]}
+                                               for p in SAMPLE_PAIRS])
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", SAMPLE_PROMPTS)
+    sampling = {"sample_prompts": str(prompts), **sample}
+    train = {"learning_rate": 1e-2, "global_batch_size": 4, "max_steps": 4, "logging_steps": 1, "save_steps": 100,
+             "lr_scheduler": "constant"}
+    if report_to is not None:
+        train["report_to"] = report_to
+    return {
+        "name": "tracked", "model": {"name_or_path": str(base), "template": "qwen"}, "chain": False, "seed": 5,
+        "method": {"type": "lora", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.1},
+        "train": train, "output_dir": str(tmp_path / "runs"),
+        "stages": [{"stage": "sft", "data": {"train": str(sft)}, "max_length": 48, "train": sampling},
+                   {"stage": "sft", "name": "plain", "data": {"train": str(sft)}, "max_length": 48},
+                   {"stage": "dpo", "data": {"train": str(write_jsonl(tmp_path / "dpo.jsonl", SAMPLE_PAIRS))},
+                    "max_length": 48, "max_prompt_length": 32, "train": sampling}]}
+
+
+def read_samples(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def training_numbers(run_dir: Path) -> list[tuple]:
+    from dpo_dist.training.common import read_metrics
+
+    return [(m["step"], m["loss"], m["grad_norm"]) for m in read_metrics(run_dir) if "loss" in m]
 
 
 # ---- host reads --------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import write_jsonl
+from tests.helpers import untied_base, write_jsonl
 from dpo_dist.cli import main
 
 PROMPT_SHOWN = re.compile(r"--- prompt \((\d+) tokens\) ---\n(.*?)\n--- end of prompt ---", re.S)
@@ -24,17 +24,7 @@ GREEDY = ["--template", "qwen", "--temperature", "0", "--max-new-tokens", "12"]
 
 @pytest.fixture(scope="module")
 def chat_base(tiny_base, tmp_path_factory) -> Path:
-    """tiny_base's architecture and tokenizer with larger, untied random weights. tiny_base's small tied weights make
-    greedy decoding repeat the prompt's last token ("\\n"), so every greedy reply would be empty and prove nothing."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("chat") / "base"
-    config = AutoConfig.from_pretrained(tiny_base, tie_word_embeddings=False, initializer_range=0.3)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(out)
-    return out
+    return untied_base(tiny_base, tmp_path_factory.mktemp("chat") / "base")
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,11 @@ def base(tmp_path):
     }
 
 
+def _bad_sample_prompts(recipe, tmp_path):
+    path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Hi"}, "{not json"])
+    recipe["stages"][1]["train"] = {"sample_prompts": str(path)}
+
+
 def _set(path: str, value):
     def mutate(recipe, tmp_path):
         node = recipe
@@ -159,6 +164,12 @@ CASES = [
      ["train.report_to[0]: 'tensorbord' is not one of", "did you mean 'tensorboard'"]),
     ("tracker listed twice", _set("train.report_to", ["tensorboard", "tensorboard"]), "train", None, [],
      ["train.report_to: tensorboard is listed twice"]),
+    ("sample_every without prompts", _set("train.sample_every", 5), "train", None, [],
+     ["train.sample_every: set, but there is no train.sample_prompts to answer"]),
+    ("bad line in the sample prompts", _bad_sample_prompts, "train", None, [],
+     ["stages.dpo.train.sample_prompts: ", "prompts.jsonl:2: invalid JSON"]),
+    ("sample prompts file missing", _set("train.sample_prompts", "nowhere.jsonl"), "train", None, [],
+     ["train.sample_prompts: nowhere.jsonl: no such file"]),
 ]
 
 

@@ -26,12 +26,9 @@ def test_demo_preference_is_checkable():
 
 
 @pytest.mark.e2e
-def test_demo_dpo_beats_sft(tmp_path):
-    out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "dpo_dist.cli", "demo", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "held-out pref. acc." in proc.stdout
+def test_demo_dpo_beats_sft(demo_run):
+    out, stdout = demo_run
+    assert "held-out pref. acc." in stdout
     results = json.loads((out / "demo_results.json").read_text())["results"]
     sft, dpo = results["sft"], results["dpo"]
     assert dpo["preference_accuracy"] >= sft["preference_accuracy"] + 0.2

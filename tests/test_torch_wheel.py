@@ -163,7 +163,7 @@ def test_make_install_on_a_v100_installs_the_cu126_build(tmp_path):
     done, pip = make_install(tmp_path, ["7.0"])
     assert done.returncode == 0, done.stdout + done.stderr
     assert pip[0] == f"-m pip install torch=={VERSION} --index-url {URL}cu126"
-    assert pip[1] == "-m pip install -e .[test,tensorboard,mlflow]"
+    assert pip[1] == "-m pip install -e .[test,tensorboard,mlflow,wandb,serve]"
     assert (tmp_path / "venv" / ".installed").exists()
 
 

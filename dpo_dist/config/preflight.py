@@ -101,10 +101,21 @@ def check_model(name: str, key: str, revision: str | None = None) -> None:
 
 
 def check_data(recipe) -> None:
-    """Every stage's data.train and data.eval can be opened (no rows are read)."""
+    """Every stage's data.train and data.eval can be opened (no rows are read), and its train.sample_prompts file
+    holds good prompts (a few lines: all are read)."""
     from dpo_dist.data.formats import DataError, check_source
+    from dpo_dist.data.prompts import read_prompt_file
 
     for stage in recipe.stages:
+        prompts = stage.train.sample_prompts
+        if prompts:
+            where = f"stages.{stage.name}.train.sample_prompts"
+            if not Path(prompts).is_file():
+                raise ConfigError(f"{where}: {prompts}: no such file")
+            try:
+                read_prompt_file(prompts)
+            except DataError as err:
+                raise ConfigError(f"{where}: {err}") from None
         for key in ("train", "eval"):
             source = getattr(stage.data, key)
             if source:

@@ -146,6 +146,11 @@ class TrainConfig:
     # Experiment trackers the Trainer reports to, through its own integrations (rank 0 only); null = [tensorboard]
     # when TensorBoard is installed, [] = none. metrics.jsonl is written whatever this says.
     report_to: list[Tracker] | None = None
+    # A JSONL file of prompts (`dpo-dist generate`'s format) the model answers greedily every sample_every steps,
+    # into the run directory's samples.jsonl and the trackers. Sampling never changes the training numbers.
+    sample_prompts: str | None = None
+    sample_every: int | None = None  # with sample_prompts: steps between samples; null = logging_steps
+    sample_max_new_tokens: int = 64  # with sample_prompts: the longest answer in tokens
 
     def check(self, where: str) -> None:
         if self.learning_rate <= 0:
@@ -183,9 +188,27 @@ class TrainConfig:
             if importlib.util.find_spec(tracker) is None:
                 raise ConfigError(f"{where}.report_to: {tracker} is not installed; pip install 'dpo-dist[{tracker}]', "
                                   "or take it off the list")
+        self._check_samples(where)
         if self.save_total_limit is not None and self.save_total_limit <= 0:
             raise ConfigError(f"{where}.save_total_limit: must be positive (the number of checkpoints kept), or null "
                               f"to keep all; got {self.save_total_limit}")
+
+    def _check_samples(self, where: str) -> None:
+        if self.sample_prompts is None:
+            for key in ("sample_every", "sample_max_new_tokens"):
+                if getattr(self, key) != getattr(TrainConfig, key):
+                    raise ConfigError(f"{where}.{key}: set, but there is no {where}.sample_prompts to answer; add "
+                                      "one (a JSONL of prompts) or remove it")
+            return
+        for key in ("sample_every", "sample_max_new_tokens"):  # the file itself: config.preflight.check_data
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{where}.{key}: must be positive, got {value}")
+
+    @property
+    def every_sample(self) -> int:
+        """Steps between samples (sample_every, else logging_steps)."""
+        return self.sample_every or self.logging_steps
 
     @property
     def precision(self) -> str:

@@ -12,71 +12,25 @@ import os
 import sys
 from pathlib import Path
 
-# The row checks the data readers use, so a prompt is held to the same rules as training data.
-from dpo_dist.data.converters import (RowError, _check_turns, _get, _human_assistant_turns, _Msg,
-                                      _role_content_messages, _system, json_type)
 from dpo_dist.config.schema import ConfigError
+from dpo_dist.data.formats import DataError
+from dpo_dist.data.prompts import MAX_SHOWN, read_prompt_file
 from dpo_dist.inference.loader import add_model_args, add_sampling_args, check_sampling_args, load, seed_everything
-
-_MAX_SHOWN = 10
-
-
-def prompt_messages(row) -> list[dict]:
-    """The conversation to answer, ending with a user turn. Raises RowError(field, reason)."""
-    if not isinstance(row, dict):
-        raise RowError("row", f"not a JSON object: got {json_type(row)}")
-    if "messages" in row:
-        field, msgs = "messages", _role_content_messages(_get(row, "messages", list), "messages")
-    elif "conversation" in row:
-        field, turns = "conversation", _get(row, "conversation", list)
-        last = turns[-1] if turns else None
-        open_turn = isinstance(last, dict) and not last.get("assistant")  # the turn to answer
-        msgs = _system(row) + _human_assistant_turns(turns[:-1] if open_turn else turns, field)
-        if open_turn:
-            where = f"{field}[{len(turns) - 1}].human"
-            msgs.append(_Msg("user", _get(last, "human", str, f"{field}[{len(turns) - 1}]"), where, where))
-    elif "prompt" in row:
-        field, msgs = "prompt", _system(row) + [_Msg("user", _get(row, "prompt", str), "prompt", "prompt")]
-    else:
-        keys = ", ".join(map(str, list(row)[:20])) or "none"
-        raise RowError("row", f"no prompt: keys [{keys}]; expected \"prompt\" (a string), \"messages\" (a list of "
-                              "role/content) or \"conversation\" (Firefly human/assistant turns)")
-    if msgs and msgs[-1].role == "assistant":
-        msgs = msgs[:-1]
-    return _check_turns(msgs, field, "prompt", "user", "empty prompt")
-
 
 def read_prompts(path: str) -> list[tuple[int, dict, list[dict]]]:
     """(line number, row, conversation) for each non-blank line; every bad line is reported at once."""
-    file = Path(path)
-    if not file.is_file():
+    if not Path(path).is_file():
         raise ConfigError(f"--prompts {path}: no such file")
     try:
-        text = file.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start + 1}: {err.reason})") from None
-    prompts, problems = [], []
-    # split on "\n" only: str.splitlines would also split inside a JSON string holding U+2028
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            prompts.append((lineno, row, prompt_messages(row)))
-        except json.JSONDecodeError as err:
-            problems.append(f"{path}:{lineno}: invalid JSON: {err.msg} at column {err.colno}")
-        except RowError as err:
-            problems.append(f"{path}:{lineno}: {err.field}: {err.reason}")
-    _refuse(problems)
-    if not prompts:
-        raise ConfigError(f"{path}: holds no prompts")
-    return prompts
+        return read_prompt_file(path)
+    except DataError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _refuse(problems: list[str]) -> None:
     if problems:
-        more = f"\n... and {len(problems) - _MAX_SHOWN} more" if len(problems) > _MAX_SHOWN else ""
-        raise ConfigError("\n".join(problems[:_MAX_SHOWN]) + more)
+        more = f"\n... and {len(problems) - MAX_SHOWN} more" if len(problems) > MAX_SHOWN else ""
+        raise ConfigError("\n".join(problems[:MAX_SHOWN]) + more)
 
 
 def check_window(loaded, prompts: list[tuple[int, dict, list[dict]]], path: str) -> None:

@@ -46,13 +46,14 @@ def preference_accuracy(model, tokenizer, renderer: Renderer, rows: list[dict]) 
 @torch.no_grad()
 def generate(model, tokenizer, renderer: Renderer, prompts: list[list[dict]], max_new_tokens: int = 24,
              batch_size: int = 16, *, temperature: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-             streamer=None) -> list[str]:
+             streamer=None, synced_gpus: bool | None = None, stopping_criteria=None) -> list[str]:
     """Completions of chat prompts, each stopped at the template's end-of-turn token or eos. Temperature 0 is greedy;
     above 0 it samples (seed torch beforehand for repeatable output). A `streamer` (batch size 1 only) receives the
-    token ids as they are generated, as in transformers' generate."""
+    token ids as they are generated, as in transformers' generate. `synced_gpus`: every rank of a sharded model keeps
+    running forwards until all ranks are done (None: transformers decides). `stopping_criteria` (a transformers
+    StoppingCriteriaList) may end a completion earlier: the server's stop strings and its client-gone check."""
     model.eval()
-    eot = tokenizer.convert_tokens_to_ids(renderer.eot_token)
-    stops = sorted({eot, tokenizer.eos_token_id} - {None})
+    stops = stop_token_ids(tokenizer, renderer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     if temperature > 0:
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p)
@@ -66,11 +67,21 @@ def generate(model, tokenizer, renderer: Renderer, prompts: list[list[dict]], ma
             chunk = [renderer.generation_prompt(p) for p in prompts[start : start + batch_size]]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad,
-                                 repetition_penalty=repetition_penalty, streamer=streamer, **sampling)
-            for ids in out[:, enc["input_ids"].shape[1]:].tolist():
-                # Cut at the first stop: an end-of-turn marker that is not a special token would survive decoding.
-                end = next((i for i, t in enumerate(ids) if t in stops), len(ids))
-                texts.append(tokenizer.decode(ids[:end], skip_special_tokens=True))
+                                 repetition_penalty=repetition_penalty, streamer=streamer, synced_gpus=synced_gpus,
+                                 stopping_criteria=stopping_criteria, **sampling)
+            texts += [reply_text(tokenizer, ids, stops) for ids in out[:, enc["input_ids"].shape[1]:].tolist()]
     finally:
         tokenizer.padding_side = side
-    return [t.strip() for t in texts]
+    return texts
+
+
+def stop_token_ids(tokenizer, renderer: Renderer) -> list[int]:
+    """The ids that end a reply: the template's end-of-turn token and eos."""
+    return sorted({tokenizer.convert_tokens_to_ids(renderer.eot_token), tokenizer.eos_token_id} - {None})
+
+
+def reply_text(tokenizer, ids: list[int], stops: list[int]) -> str:
+    """The reply in generated `ids`, as `generate` returns it (the server decodes a reply it streams the same way)."""
+    # Cut at the first stop: an end-of-turn marker that is not a special token would survive decoding.
+    end = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+    return tokenizer.decode(ids[:end], skip_special_tokens=True).strip()

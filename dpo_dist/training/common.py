@@ -81,8 +81,9 @@ def training_kwargs(stage: StageConfig, profile: Profile, run_dir: Path, seed: i
 
 
 class TrackerConfig(TrainerCallback):
-    """The resolved recipe and profile as the run's config, in each tracker the run reports to (rank 0 only). The
-    Trainer's own integration callbacks come first in its list, so their runs are open by on_train_begin."""
+    """The resolved recipe and profile as the run's config, in each tracker the run reports to (rank 0 only), and one
+    tracker run per stage. The Trainer's own integration callbacks come first in its list, so their runs are open by
+    on_train_begin and they have finished their own on_train_end before this one's."""
 
     def __init__(self, config: dict):
         self.config = json.loads(json.dumps(config, default=str))  # paths as text
@@ -100,6 +101,15 @@ class TrackerConfig(TrainerCallback):
 
             if wandb.run is not None:
                 wandb.config.update({"dpo_dist": self.config}, allow_val_change=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # transformers' W&B callback leaves its run open and the next stage's callback would log into it (it only
+        # starts a run when none is open); MLflow's callback ends its own run.
+        if state.is_world_process_zero and "wandb" in args.report_to:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish()
 
 
 class MetricsLogger(TrainerCallback):

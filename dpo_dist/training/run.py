@@ -85,6 +85,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
         (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         if not resume:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            (run_dir / "samples.jsonl").unlink(missing_ok=True)
 
     # ---- tokenizer & data ---------------------------------------------------------------------------------------
     # A chained stage loads the previous stage's result; revision and tokenizer refer to the original only, and the
@@ -116,6 +117,15 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
                  GuardCallback(guard), *fault_callbacks(faults),
                  TrackerConfig({"recipe": recipe.to_dict(), "stage": stage.name, "profile": asdict(profile),
                                 "backend": backend.kind})]
+    sampler = None
+    if stage.train.sample_prompts:  # weights sharded across ranks: every rank takes part in each forward
+        from dpo_dist.training.samples import SampleCallback, read_sample_prompts
+
+        sharded = backend.kind == "fsdp" or (backend.kind == "deepspeed" and backend.zero_stage == 3)
+        sampler = SampleCallback(read_sample_prompts(stage.train.sample_prompts), tokenizer, renderer,
+                                 stage.train.every_sample, stage.train.sample_max_new_tokens, run_dir / "samples.jsonl",
+                                 sharded, log=log if state.is_main_process else _quiet)
+        callbacks.append(sampler)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # read by transformers' TB callback
     build = {"dpo": build_dpo_trainer, "kto": build_kto_trainer, "orpo": build_pair_trainer,
              "cpo": build_pair_trainer}.get(kind)
@@ -125,6 +135,8 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
                                            evaluation.dataset if evaluation else None, peft_config, callbacks,
                                            **preference)
     trainer.guard = guard
+    if sampler is not None:
+        sampler.attach(trainer)
     if peft_config is not None:
         # trl stores QLoRA adapters in bf16 and peft LoRA adapters in fp32 whatever the precision; keep them in
         # the one dtype the precision and backend can train (see adapter_dtype).
