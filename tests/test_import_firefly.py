@@ -179,16 +179,25 @@ def test_unsloth_deepspeed_report_to_noted_with_reasons():
     assert "attention and checkpointing" in notes["use_unsloth"]
     assert notes["deepspeed"].startswith("deepspeed: ./train_args/ds_z3_config.json: not carried over: the backend "
                                          "is the launch profile's: no shipped profile fits")
-    assert notes["report_to"].startswith("report_to: tensorboard: not carried over:")
-    assert "metrics.jsonl" in notes["report_to"]
     assert "min_seq_length: 16: not carried over" in notes["min_seq_length"]
     assert notes["optim"].startswith("optim: adamw_hf: changed to adamw_torch")
-    for key in ("use_unsloth", "deepspeed", "report_to", "min_seq_length"):
+    for key in ("use_unsloth", "deepspeed", "min_seq_length"):
         assert key not in conv.carried
-    # QLoRA under a deepspeed file points at the QLoRA ZeRO-3 profile; another tracker is named as unsupported.
-    qlora = _load(DATA / "sft-qlora.json") | {"deepspeed": "ds.json", "report_to": ["wandb", "tensorboard"]}
-    notes = {n.split(":", 1)[0]: n for n in convert(qlora).notes}
-    assert "8xh100-zero3-qlora" in notes["deepspeed"] and "does not report to wandb" in notes["report_to"]
+    # report_to: the trackers dpo-dist reports to are carried, "none" is none, any other is noted, not carried
+    assert conv.carried["report_to"] == "stages[0].train.report_to" and "report_to" not in notes
+    assert conv.recipe["stages"][0]["train"]["report_to"] == ["tensorboard"]
+    two = convert(_load(DATA / "sft-qlora.json") | {"report_to": ["wandb", "tensorboard"]})
+    assert two.recipe["stages"][0]["train"]["report_to"] == ["wandb", "tensorboard"]
+    assert convert(_load(DATA / "sft-qlora.json") | {"report_to": "none"}).recipe["stages"][0]["train"][
+        "report_to"] == []
+    # QLoRA under a deepspeed file points at the QLoRA ZeRO-3 profile; a tracker without an extra is noted.
+    qlora = _load(DATA / "sft-qlora.json") | {"deepspeed": "ds.json", "report_to": ["comet_ml", "tensorboard"]}
+    conv = convert(qlora)
+    notes = {n.split(":", 1)[0]: n for n in conv.notes}
+    assert "8xh100-zero3-qlora" in notes["deepspeed"]
+    assert notes["report_to"].startswith('report_to: ["comet_ml", "tensorboard"]: not carried over: dpo-dist reports '
+                                         "to tensorboard, wandb, mlflow")
+    assert "instead of comet_ml" in notes["report_to"] and "report_to" not in conv.recipe["stages"][0]["train"]
 
 
 def test_shipped_zero3_profile_replaces_deepspeed_file():

@@ -51,7 +51,9 @@ Mapping (the recipe has a single stage, index 0, written ``stages[0]`` below):
                                    selects a ZeRO-3 profile, with CPU offload for a large model (see Launch profile
                                    below); otherwise the shipped ZeRO profile that fits, or a note naming the ZeRO-3
                                    profile to use. Noted with the profile and the reason
-  use_unsloth, report_to, min_seq_length, disable_tqdm, dataloader_num_workers, save_strategy,
+  report_to                     -> train.report_to (tensorboard, wandb, mlflow; none = []); another tracker, or
+                                   all, is not carried: noted
+  use_unsloth, min_seq_length, disable_tqdm, dataloader_num_workers, save_strategy,
   remove_unused_columns, logging_first_step and other trainer options dpo-dist sets itself
                                 -> not carried: noted with the reason (dpo-dist's own behaviour applies)
   anything else                 -> noted as an unknown key
@@ -299,6 +301,25 @@ class _Reader:
         if key in self.data:
             self.get(key)  # type-check it anyway: a wrong type is still a mistake worth naming
             self.note(key, f"not carried over: {why}")
+
+
+def _report_to(r: _Reader, train: dict) -> None:
+    """report_to → train.report_to: the trackers dpo-dist reports to are carried, "none" is [], any other is noted."""
+    from typing import get_args
+
+    from dpo_dist.config.recipe import Tracker
+
+    report = r.get("report_to")
+    targets = [report] if isinstance(report, str) or report is None else list(report) if isinstance(report, list) \
+        else [report]
+    kept = [t for t in targets if t in get_args(Tracker)]
+    other = [t for t in targets if t not in kept and t not in ("none", None)]
+    if other:  # "all", or a tracker dpo-dist has no extra for
+        r.drop("report_to", f"dpo-dist reports to {', '.join(get_args(Tracker))} (train.report_to) and always "
+                            f"writes metrics.jsonl; name the trackers instead of {', '.join(map(str, other))}")
+        return
+    r.value("report_to", f"{TRAIN}.report_to")  # recorded as carried
+    train["report_to"] = kept
 
 
 def _known_optimizers() -> set[str] | None:
@@ -553,15 +574,8 @@ def convert(train_args: dict, source: str = "train_args.json", world_size: int =
     unsloth = r.get("use_unsloth", False)
     r.drop("use_unsloth", "dpo-dist does not use Unsloth; the profile's attention and checkpointing settings apply"
            if unsloth else "dpo-dist does not use Unsloth (the input did not enable it either)")
-    report = r.get("report_to")
     if r.has("report_to"):
-        targets = [report] if isinstance(report, str) else report if isinstance(report, list) else [report]
-        extra = [t for t in targets if t not in ("tensorboard", "none", None)]
-        why = ("dpo-dist always writes metrics.jsonl, and TensorBoard logs under tensorboard/ when TensorBoard is "
-               "installed, in each stage's run directory")
-        if extra:
-            why += f"; it does not report to {', '.join(map(str, extra))}"
-        r.drop("report_to", why)
+        _report_to(r, train)
     r.drop("min_seq_length", "dpo-dist has no minimum-length filter and keeps short rows (pretraining packs them "
                              "into blocks); remove short rows from the data beforehand if that matters")
     save_strategy = r.get("save_strategy")
