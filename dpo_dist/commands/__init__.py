@@ -6,8 +6,8 @@ from __future__ import annotations
 import importlib
 
 # In the order `dpo-dist --help` lists them.
-COMMANDS = ("init", "train", "launch", "parity", "slurm", "validate", "prepare", "plan", "chat", "evaluate", "plot",
-            "bench", "import_firefly", "doctor", "profiles", "demo", "merge")
+COMMANDS = ("init", "train", "launch", "parity", "slurm", "validate", "prepare", "plan", "chat", "serve", "evaluate",
+            "plot", "bench", "import_firefly", "doctor", "profiles", "demo", "merge")
 
 
 def add_parsers(sub) -> None:
