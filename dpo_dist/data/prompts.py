@@ -58,8 +58,13 @@ def read_prompt_file(path: str) -> list[tuple[int, dict, list[dict]]]:
         except RowError as err:
             problems.append(f"{path}:{lineno}: {err.field}: {err.reason}")
     if problems:
-        more = f"\n... and {len(problems) - MAX_SHOWN} more" if len(problems) > MAX_SHOWN else ""
-        raise DataError("\n".join(problems[:MAX_SHOWN]) + more)
+        raise DataError(listed(problems))
     if not prompts:
         raise DataError(f"{path}: holds no prompts")
     return prompts
+
+
+def listed(problems: list[str]) -> str:
+    """A file's bad lines, one a line: the first MAX_SHOWN, then how many more."""
+    more = f"\n... and {len(problems) - MAX_SHOWN} more" if len(problems) > MAX_SHOWN else ""
+    return "\n".join(problems[:MAX_SHOWN]) + more

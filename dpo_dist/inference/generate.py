@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dpo_dist.config.schema import ConfigError
 from dpo_dist.data.formats import DataError
-from dpo_dist.data.prompts import MAX_SHOWN, read_prompt_file
+from dpo_dist.data.prompts import listed, read_prompt_file
 from dpo_dist.inference.loader import add_model_args, add_sampling_args, check_sampling_args, load, seed_everything
 
 def read_prompts(path: str) -> list[tuple[int, dict, list[dict]]]:
@@ -29,8 +29,7 @@ def read_prompts(path: str) -> list[tuple[int, dict, list[dict]]]:
 
 def _refuse(problems: list[str]) -> None:
     if problems:
-        more = f"\n... and {len(problems) - MAX_SHOWN} more" if len(problems) > MAX_SHOWN else ""
-        raise ConfigError("\n".join(problems[:MAX_SHOWN]) + more)
+        raise ConfigError(listed(problems))
 
 
 def check_window(loaded, prompts: list[tuple[int, dict, list[dict]]], path: str) -> None:

@@ -112,6 +112,15 @@ class TrackerConfig(TrainerCallback):
                 wandb.finish()
 
 
+def drop_rows_after(path: Path, step: int) -> None:
+    """Resuming from checkpoint-`step` (0: no complete checkpoint): the rows of a per-step JSONL log (metrics.jsonl,
+    samples.jsonl) written after that step by the interrupted run are redone, so drop them."""
+    if path.is_file():
+        rows = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
+
+
 class MetricsLogger(TrainerCallback):
     """Appends one JSON object per logging step to metrics.jsonl (rank 0 only), with real tokens per second."""
 
@@ -125,12 +134,8 @@ class MetricsLogger(TrainerCallback):
         self._last_tokens = 0.0
         for entry in state.log_history:  # resuming: continue the token count where it was
             self._last_tokens = entry.get("num_tokens", self._last_tokens)
-        if state.is_world_process_zero and self.path.is_file():
-            # Resuming from checkpoint-N (N = 0: no complete checkpoint): rows logged after step N by the interrupted
-            # run are redone, so drop them.
-            rows = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
-            self.path.write_text("".join(row + "\n" for row in rows))
+        if state.is_world_process_zero:
+            drop_rows_after(self.path, state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from dpo_dist.training.common import drop_rows_after
+
 
 def read_sample_prompts(path: str) -> list[list[dict]]:
     """The conversations of a prompts file in `dpo-dist generate`'s format (checked before: preflight.check_data)."""
@@ -36,10 +38,8 @@ class SampleCallback(TrainerCallback):
                                  if isinstance(c, TensorBoardCallback)), None)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and self.path.is_file():  # resuming from step N: later rows are redone
-            rows = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line)["step"] <= state.global_step]
-            self.path.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
+        if state.is_world_process_zero:
+            drop_rows_after(self.path, state.global_step)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every:
