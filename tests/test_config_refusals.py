@@ -91,6 +91,13 @@ def _missing_data(recipe, tmp_path):
     recipe["stages"][0]["data"]["train"] = str(tmp_path / "nowhere" / "sft.jsonl")
 
 
+def _start_from_adapter(recipe, tmp_path):
+    adapter = tmp_path / "sft-adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    recipe["stages"][1]["start_from"] = str(adapter)
+
+
 def _missing_model(recipe, tmp_path):
     recipe["model"]["name_or_path"] = str(tmp_path / "no-such-model")
 
@@ -124,6 +131,12 @@ CASES = [
      ["stages.sft.data.train:", "no such file or directory"]),
     ("missing model directory", _missing_model, "train", None, [],
      ["model.name_or_path:", "does not exist; give an existing model directory"]),
+    ("start_from that does not exist", _set("stages.1.start_from", "/nowhere/sft/merged"), "launch-run", "cpu", [],
+     ["stages.dpo.start_from: /nowhere/sft/merged does not exist", "<stage>/model or <stage>/merged"]),
+    ("start_from an adapter", _start_from_adapter, "train", None, [],
+     ["stages.dpo.start_from:", "holds a LoRA adapter, not a model", "`dpo-dist merge` makes one"]),
+    ("stop_at_step zero", _set("train.stop_at_step", 0), "train", None, [],
+     ["train.stop_at_step: must be positive (or null to train to the end), got 0"]),
     ("unknown template", _set("model.template", "qwen9"), "train", None, [], ["model.template:", "qwen9"]),
     ("dpo before sft with chain on", _chain_wrong_order, "train", None, [],
      ["stages: sft after dpo with chain: true", "set chain: false"]),

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -40,11 +42,17 @@ def test_demo_dpo_beats_sft(demo_run):
 
 
 @pytest.mark.e2e
-def test_demo_preference_kto_trains_on_the_unpaired_form_and_beats_sft(tmp_path):
+def test_demo_preference_kto_trains_on_the_unpaired_form_and_beats_sft(demo_run, tmp_path):
+    # KTO after the finished DPO demo, as a user tries another method: --resume keeps its base, pretrain and SFT
+    finished, _ = demo_run
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "dpo_dist.cli", "demo", "--out", str(out), "--preference", "kto"],
-                          capture_output=True, text=True, timeout=600)
+    shutil.copytree(finished, out, ignore=lambda d, names: ["dpo"] if Path(d) == finished else [])
+    kept = {s: (out / s / "summary.json").read_bytes() for s in ("pretrain", "sft")}
+    proc = subprocess.run([sys.executable, "-m", "dpo_dist.cli", "demo", "--out", str(out), "--preference", "kto",
+                           "--resume"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stage 1/3: pretrain finished earlier" in proc.stdout and "stage 2/3: sft finished earlier" in proc.stdout
+    assert {s: (out / s / "summary.json").read_bytes() for s in ("pretrain", "sft")} == kept  # not retrained
     saved = json.loads((out / "demo_results.json").read_text())
     assert saved["method"] == "kto" and list(saved["results"]) == ["base", "sft", "kto"]
     assert saved["results"]["kto"]["preference_accuracy"] >= saved["results"]["sft"]["preference_accuracy"] + 0.2
@@ -93,8 +101,6 @@ def test_templates_command_lists_the_registry():
 
 def test_every_subcommand_is_in_the_help_and_the_readme():
     # One command table (dpo_dist.cli): what it registers is what --help lists and what the README documents.
-    from pathlib import Path
-
     from dpo_dist.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")

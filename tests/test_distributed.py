@@ -4,7 +4,7 @@ asserts everything it can about its run.
 
 | case                      | launcher                  | profiles                                   | methods |
 |---------------------------|---------------------------|--------------------------------------------|---------|
-| parity fp32               | dpo-dist parity → launch  | cpu, cpu-ddp-2, cpu-fsdp-2, cpu-zero3-2    | lora    |
+| parity, the demo recipe   | dpo-dist parity → launch  | cpu, cpu-ddp-2, cpu-fsdp-2, cpu-zero3-2    | full, lora |
 | parity bf16               | dpo-dist parity → launch  | cpu-bf16, cpu-fsdp-qlora-2, cpu-zero3-qlora-2 | qlora |
 | parity kto, orpo, cpo     | dpo-dist parity → launch  | cpu, cpu-ddp-2, cpu-fsdp-2, cpu-zero3-2    | lora    |
 | kto, orpo, cpo on 4 bits  | dpo-dist launch           | cpu-fsdp-qlora-2, cpu-zero3-qlora-2        | qlora   |
@@ -44,27 +44,52 @@ def check_sharded_run(run_dir: Path, backend: str, world: int, micro: int = 2, g
 
 # ---- parity: the proof that a profile changes how a run trains, not what it learns -----------------------------
 
-def test_parity_fp32_lora_sft_and_dpo_across_ddp_fsdp_zero3(tiny_base, data, tmp_path):
-    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_base, data)
+def test_parity_demo_recipe_across_cpu_profiles(tmp_path):
+    # The shipped demo recipe as a user runs it (full pretraining → LoRA SFT → DPO with an sft term, a tiny Qwen2
+    # with tied embeddings), its first 6 steps per stage. Each stage after the first starts, under every profile,
+    # from the reference's previous stage; --drift adds the reference's reduction-order twin (micro-batch 4).
+    from dpo_dist.demo.build import build_base
+    from dpo_dist.demo.run import DEMO_RECIPE, demo_overrides
+
+    build_base(tmp_path / "base")
+    overrides = [o for o in demo_overrides(tmp_path) if not o.startswith("output_dir=")]
     out = tmp_path / "parity"
-    proc = run([BIN / "dpo-dist", "parity", recipe, "--profiles", "cpu,cpu-ddp-2,cpu-fsdp-2,cpu-zero3-2",
-                "--out", out])
+    proc = run([BIN / "dpo-dist", "parity", DEMO_RECIPE, *overrides, "--profiles",
+                "cpu,cpu-ddp-2,cpu-fsdp-2,cpu-zero3-2", "--steps", "6", "--drift", "--out", out])
     print(proc.stdout)  # the table, for the CI log
     result = json.loads((out / "parity.json").read_text())
-    assert result["ok"] and result["tolerance"] == {"series": 1e-4, "weights": 1e-4}
+    assert result["ok"] and result["tolerance"] == {"series": 1e-4, "weights": 1e-4, "final": 2e-2}
+    assert [s["stage"] for s in result["stages"]] == ["pretrain", "sft", "dpo"]
     for stage in result["stages"]:
-        assert stage["steps"] == [1, 2, 3, 4]
+        assert stage["steps"] == [1, 2, 3, 4, 5, 6] and stage["horizon"] == 6
         loss = stage["series"]["cpu"]["loss"]
         assert loss[-1] < loss[0]  # it learned something, so agreement is not between untouched weights
         for profile, diffs in stage["diffs"].items():
-            assert set(diffs) >= {"loss", "grad_norm", "weights"}
+            assert set(diffs) >= {"loss", "grad_norm", "weights"} and not any(k.startswith("final") for k in diffs)
             assert all(v <= 1e-4 for v in diffs.values()), (stage["stage"], profile, diffs)
-    assert "rewards/margins" in result["stages"][1]["diffs"]["cpu-fsdp-2"]
+        assert set(stage["drift"]) >= {"loss", "weights"} and all(v <= 1e-4 for v in stage["drift"].values())
+    assert "rewards/margins" in result["stages"][2]["diffs"]["cpu-fsdp-2"]
+    # Stages in isolation: every profile's SFT and DPO start from the reference's previous stage
+    starts = {"sft": out / "cpu" / "pretrain" / "model", "dpo": out / "cpu" / "sft" / "merged"}
+    for profile in ("cpu-ddp-2", "cpu-fsdp-2", "cpu-zero3-2"):
+        for stage, start in starts.items():
+            assert summary(out / profile / stage)["base"] == str(start)
+            assert not (out / profile / stage / "merged").exists()  # nothing chains from it: no merge
+    # One layout of the full-model export on every backend: the tied lm_head.weight is saved once, as embed_tokens
+    from safetensors import safe_open
+
+    names = {p: sorted(safe_open(str(out / p / "pretrain" / "model" / "model.safetensors"), "pt").keys())
+             for p in ("cpu", "cpu-fsdp-2", "cpu-zero3-2")}
+    assert "lm_head.weight" not in names["cpu"] and names["cpu-fsdp-2"] == names["cpu-zero3-2"] == names["cpu"]
     for profile, backend, world in (("cpu", "single", 1), ("cpu-ddp-2", "ddp", 2), ("cpu-fsdp-2", "fsdp", 2),
                                     ("cpu-zero3-2", "deepspeed", 2)):
-        for stage in ("sft", "dpo"):
-            check_sharded_run(out / profile / stage, backend, world, micro=8 if profile == "cpu" else 2)
-    assert losses(out / "cpu-fsdp-2" / "dpo")[0] == pytest.approx(LN2, abs=1e-6)  # reference = adapter off
+        for stage in ("pretrain", "sft", "dpo"):
+            s = check_sharded_run(out / profile / stage, backend, world, micro=8 if profile == "cpu" else 2,
+                                  global_batch=16)
+            assert s["global_step"] == 6  # stopped at --steps, not at the recipe's end
+    # reference = adapter off: the policy's first rewards are exactly 0
+    dpo_first = read_metrics(out / "cpu-fsdp-2" / "dpo")[0]
+    assert dpo_first["rewards/chosen"] == 0 and dpo_first["rewards/margins"] == 0
     # Really sharded, not replicated: each of the 2 ranks holds about half of the parameters (DDP holds all)
     single = summary(out / "cpu" / "sft")["model"]["params_on_rank"]
     assert summary(out / "cpu-ddp-2" / "sft")["model"]["params_on_rank"] == single

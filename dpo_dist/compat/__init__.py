@@ -153,6 +153,18 @@ PATCHES: tuple[Patch, ...] = (
         sites=("dpo_dist/training/preference.py",),
     ),
     Patch(
+        name="trl-dpo-global-sft-nll",
+        library="trl",
+        target="trl.DPOTrainer._compute_loss (its sft loss)",
+        kind="override",
+        why="trl 1.16 averages DPO's sft loss (dpo-dist's sft_weight) over each micro-batch's chosen tokens, so "
+            "profiles that split the global batch differently weight rows differently; dpo-dist rescales each "
+            "micro-batch's sft weight so the step's term is a token mean over the global batch.",
+        test="tests/test_distributed.py::test_parity_demo_recipe_across_cpu_profiles",
+        remove_when="when DPO takes its sft loss's token count over the global batch (num_items_in_batch)",
+        sites=("dpo_dist/training/dpo/trainer.py",),
+    ),
+    Patch(
         name="trl-orpo-cpo-global-nll",
         library="trl",
         target="trl.experimental.orpo.ORPOTrainer.concatenated_forward, "
@@ -296,7 +308,7 @@ PATCHES: tuple[Patch, ...] = (
         why="accelerate (1.15, 1.16) turns ACCELERATE_USE_FSDP into an FSDP state only for GPU-like distributed "
             "types; on CPU ranks (MULTI_CPU, gloo) it drops the plugin silently and the Trainer trains plain DDP. "
             "torch's FSDP2 runs on CPU with gloo, so the shared state is marked FSDP.",
-        test="tests/test_distributed.py::test_parity_fp32_lora_sft_and_dpo_across_ddp_fsdp_zero3",
+        test="tests/test_distributed.py::test_parity_demo_recipe_across_cpu_profiles",
         remove_when="when accelerate keeps the FSDP plugin for MULTI_CPU launches",
         sites=("dpo_dist/distributed/backends.py",),
     ),

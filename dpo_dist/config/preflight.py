@@ -100,6 +100,16 @@ def check_model(name: str, key: str, revision: str | None = None) -> None:
                           "reachable")
 
 
+def check_start(path: str, key: str) -> None:
+    """A stage's start_from: a full model directory on this machine (an adapter would need its base)."""
+    d = Path(path).expanduser()
+    if not (d / "config.json").is_file():
+        what = ("holds a LoRA adapter, not a model" if (d / "adapter_config.json").is_file()
+                else "has no config.json" if d.is_dir() else "does not exist")
+        raise ConfigError(f"{key}: {path} {what}; give a full model directory, such as an earlier run's "
+                          "<stage>/model or <stage>/merged (`dpo-dist merge` makes one from an adapter)")
+
+
 def check_data(recipe) -> None:
     """Every stage's data.train and data.eval can be opened (no rows are read), and its train.sample_prompts file
     holds good prompts (a few lines: all are read)."""
@@ -131,6 +141,9 @@ def check_recipe(recipe, data: bool = True) -> None:
     check_model(recipe.model.name_or_path, "model.name_or_path", recipe.model.revision)
     if recipe.model.tokenizer:
         check_model(recipe.model.tokenizer, "model.tokenizer", recipe.model.revision)
+    for stage in recipe.stages:
+        if stage.start_from:
+            check_start(stage.start_from, f"stages.{stage.name}.start_from")
     if data:
         check_data(recipe)
 

@@ -105,6 +105,9 @@ class TrainConfig:
     global_batch_size: int = 32
     num_epochs: float = 1.0  # passes over the training data (may be fractional)
     max_steps: int = -1  # > 0 overrides num_epochs
+    # Stop after this many optimizer steps, the schedule staying the whole run's (the first N steps of the real run:
+    # a preview, or `dpo-dist parity --steps`); the adapter or model is exported at that step. null = to the end.
+    stop_at_step: int | None = None
     lr_scheduler: str = "cosine"  # the learning-rate schedule (transformers' lr_scheduler_type)
     warmup_steps: int = 0  # steps of linear warmup; > 0 overrides warmup_ratio
     warmup_ratio: float = 0.0  # warmup as a fraction of the total steps, used when warmup_steps is 0
@@ -159,6 +162,9 @@ class TrainConfig:
             raise ConfigError(f"{where}.global_batch_size: must be positive, got {self.global_batch_size}")
         if self.num_epochs <= 0 and self.max_steps <= 0:
             raise ConfigError(f"{where}.num_epochs: must be positive unless max_steps is set")
+        if self.stop_at_step is not None and self.stop_at_step <= 0:
+            raise ConfigError(f"{where}.stop_at_step: must be positive (or null to train to the end), got "
+                              f"{self.stop_at_step}")
         if self.fp16 and self.bf16:
             raise ConfigError(f"{where}: fp16 and bf16 are both true; choose one (fp16 for V100, bf16 for A100/H100)")
         if self.lr_scheduler not in SCHEDULERS:
@@ -224,6 +230,9 @@ class StageConfig:
     # This stage's hyperparameters; each key given here overrides the recipe-level train: block's.
     train: TrainConfig = field(default_factory=TrainConfig)
     name: str | None = None  # run-directory name; defaults to the stage type
+    # A model directory this stage starts from instead of the previous stage's result (or model.name_or_path): an
+    # earlier run's <stage>/model or <stage>/merged, say. Tokenizer and template stay the recipe's. null = the chain's.
+    start_from: str | None = None
     # Replaces the recipe's method for this stage, whole: a key left out takes its default, not the recipe's value.
     method: MethodConfig | None = None
     # Tokens per sequence: SFT rows are cut to it, a preference row's prompt + response is cut to fit it, pretraining

@@ -119,7 +119,10 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: Path, overrides: list[str] = (), profile: str = "cpu", method: str = "dpo") -> dict:
+def run_demo(out: Path, overrides: list[str] = (), profile: str = "cpu", method: str = "dpo",
+             resume: bool = False) -> dict:
+    """`resume`: the stages that finished in `out` are kept (their base too), the others resume from their latest
+    checkpoint or start: an interrupted demo, or another preference method after a finished demo."""
     from dpo_dist.config.profiles import load_profile
     from dpo_dist.config.recipe import load_recipe
     from dpo_dist.training.run import run_recipe
@@ -129,10 +132,13 @@ def run_demo(out: Path, overrides: list[str] = (), profile: str = "cpu", method:
     out.mkdir(parents=True, exist_ok=True)
     path = demo_recipe(out, method)  # an unknown method is refused before anything is built
     method = stage_name(method)
-    print(f"[demo] building a tiny Qwen2 and a tokenizer trained on the bundled corpus → {out / 'base'}")
-    build_base(out / "base")
+    if resume and (out / "base" / "config.json").is_file():
+        print(f"[demo] resuming in {out}: keeping its base model and the stages that finished")
+    else:
+        print(f"[demo] building a tiny Qwen2 and a tokenizer trained on the bundled corpus → {out / 'base'}")
+        build_base(out / "base")
     recipe = load_recipe(path, demo_overrides(out) + list(overrides))
-    run_recipe(recipe, load_profile(profile))
+    run_recipe(recipe, load_profile(profile), resume=resume)
     print(f"[demo] evaluating base / SFT / {method} on held-out pairs (none of them in the training data)")
     results = evaluate_models(out, recipe.model.template, method)
     from dpo_dist.commands.plot import plot_runs

@@ -121,6 +121,17 @@ def drop_rows_after(path: Path, step: int) -> None:
         path.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
 
 
+class StopAtStep(TrainerCallback):
+    """train.stop_at_step: the run ends after that optimizer step, its schedule unchanged (the Trainer's own stop)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
 class MetricsLogger(TrainerCallback):
     """Appends one JSON object per logging step to metrics.jsonl (rank 0 only), with real tokens per second."""
 
@@ -194,11 +205,27 @@ def save_trained(trainer, out: Path, peft: bool) -> None:
         _write_adapter(model, state, out)
         return
     dtype = export_dtype(trainer.args)
-    model.save_pretrained(str(out), state_dict=cast_floats(state, dtype))
+    model.save_pretrained(str(out), state_dict=cast_floats(without_tied_copies(model, state), dtype))
     # save_pretrained records the live model's dtype (fp32 masters) in config.json; record the saved one.
     config = copy.deepcopy(model.config)
     config.dtype = str(dtype).removeprefix("torch.")
     config.save_pretrained(str(out))
+
+
+def without_tied_copies(model, state: dict) -> dict:
+    """`state` with each tied parameter once, under the name the model itself gives it (named_parameters, which
+    lists a shared parameter once): a gathered FSDP2 state dict holds a tied lm_head.weight as a separate tensor,
+    which save_pretrained would write, though a single-process export holds it once."""
+    wrappers = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+    def clean(name: str) -> str:
+        for w in wrappers:
+            name = name.replace(w, "")
+        return name
+
+    kept = {id(p): clean(n) for n, p in model.named_parameters()}
+    copies = {clean(n) for n, p in model.named_parameters(remove_duplicate=False) if kept[id(p)] != clean(n)}
+    return {k: v for k, v in state.items() if clean(k) not in copies}
 
 
 def export_dtype(args):

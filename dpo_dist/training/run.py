@@ -54,7 +54,8 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
     from dpo_dist.reliability.faults import Faults, fault_callbacks
     from dpo_dist.reliability.guard import Guard, GuardCallback
     from dpo_dist.distributed.safe_loading import harden_checkpoint_loading
-    from dpo_dist.training.common import MetricsLogger, TrackerConfig, model_facts, precision_of, save_trained
+    from dpo_dist.training.common import (MetricsLogger, StopAtStep, TrackerConfig, model_facts, precision_of,
+                                          save_trained)
     from dpo_dist.training.dpo.trainer import build_dpo_trainer, dpo_args
     from dpo_dist.training.preference import (build_kto_trainer, build_pair_trainer, cpo_args, kto_args,
                                               orpo_args)
@@ -117,6 +118,8 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
                  GuardCallback(guard), *fault_callbacks(faults),
                  TrackerConfig({"recipe": recipe.to_dict(), "stage": stage.name, "profile": asdict(profile),
                                 "backend": backend.kind})]
+    if stage.train.stop_at_step:
+        callbacks.append(StopAtStep(stage.train.stop_at_step))
     sampler = None
     if stage.train.sample_prompts:  # weights sharded across ranks: every rank takes part in each forward
         from dpo_dist.training.samples import SampleCallback, read_sample_prompts
@@ -174,7 +177,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
                                           trust_remote_code=recipe.model.trust_remote_code)
         log(f"[train] {output}: generation stops at token ids {eos_ids} (EOS and end of turn)")
     trainer.accelerator.wait_for_everyone()
-    if peft_config is not None and has_next and recipe.chain:
+    if peft_config is not None and has_next:  # the next stage starts from this one's result
         merged = run_dir / "merged"
         if is_main_process():
             log(f"[train] merging {stage.name} adapter into a {precision} copy of {base_path}")
@@ -263,7 +266,10 @@ def run_recipe(recipe: Recipe, profile: Profile, only: str | None = None, resume
     out = Path(recipe.output_dir)
     for i, stage in enumerate(recipe.stages):
         run_dir = out / stage.name
-        has_next = i + 1 < len(recipe.stages)
+        # Whether the next stage starts from this one's result (and so needs its adapter merged)
+        has_next = recipe.chain and i + 1 < len(recipe.stages) and not recipe.stages[i + 1].start_from
+        if stage.start_from:
+            base = stage.start_from
         done = run_dir / "summary.json"
         if (only and stage.name != only) or (resume and not only and done.is_file()):
             if resume and not only:
@@ -278,7 +284,7 @@ def run_recipe(recipe: Recipe, profile: Profile, only: str | None = None, resume
         results.append(result)
         if recipe.chain:
             base = result.model_path
-        if has_next and not keep_trainer:
+        if i + 1 < len(recipe.stages) and not keep_trainer:
             release_memory(log)
     return results
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 from trl import DPOConfig, DPOTrainer
 
@@ -35,7 +36,35 @@ class PretokenizedDPOTrainer(LengthGroupedTrainer, GuardedTrainer, DPOTrainer):
             return dataset
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
+    # compat: trl-dpo-global-sft-nll
+    # TRL 1.16's sft loss (sft_weight, or an sft entry of loss_type) is a token mean over each micro-batch's chosen
+    # completions, so a profile that splits the global batch differently weights the rows differently. Each
+    # micro-batch's weight is rescaled to its share of the step's token mean: weight × its tokens × micro-batches /
+    # the step's tokens; the Trainer's 1/accumulation and the ranks' gradient mean then give Σ token NLL / Σ tokens
+    # over the global batch, as SFT's loss is.
+    _step_sft = None  # (chosen completion tokens, micro-batches) of this optimizer step, all ranks
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if "sft" in self.loss_types:
+            totals = torch.tensor([float(sum(int(_chosen_tokens(b)) for b in batches)), float(len(batches))],
+                                  dtype=torch.float64, device=self.accelerator.device)
+            self._step_sft = self.accelerator.reduce(totals, reduction="sum")
+        return batches, num_items
+
     def _compute_loss(self, model, inputs, return_outputs):
+        if self._step_sft is None or not self.model.training:
+            return self._compute_dpo_loss(model, inputs, return_outputs)
+        tokens, micro_batches = self._step_sft.tolist()
+        scale = float(_chosen_tokens(inputs)) * micro_batches / max(tokens, 1.0)
+        weights = self.loss_weights
+        self.loss_weights = [w * scale if t == "sft" else w for t, w in zip(self.loss_types, weights)]
+        try:
+            return self._compute_dpo_loss(model, inputs, return_outputs)
+        finally:
+            self.loss_weights = weights
+
+    def _compute_dpo_loss(self, model, inputs, return_outputs):
         # compat: trl-dpo-cached-ref-logps
         model_inputs = without_pair_keys(inputs)  # TRL passes the batch's other keys on to the model's forward
         if self.loss_types == ["simpo"]:
@@ -80,6 +109,11 @@ class PretokenizedDPOTrainer(LengthGroupedTrainer, GuardedTrainer, DPOTrainer):
             self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
         metrics["num_tokens"] = [self._total_train_tokens]
         return loss
+
+
+def _chosen_tokens(batch) -> torch.Tensor:
+    """The tokens TRL's sft loss averages over in a micro-batch: the chosen half's completion targets."""
+    return batch["completion_mask"][:, 1:].chunk(2, dim=0)[0].sum()
 
 
 def dpo_args(stage: StageConfig, profile: Profile, run_dir: Path, seed: int, world_size: int,
