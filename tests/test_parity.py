@@ -99,3 +99,35 @@ def test_beyond_the_horizon_only_the_final_mean_loss_is_judged(tmp_path):
     results = compare(tmp_path, profiles, ["pretrain"], horizon=10)
     report, ok = format_report(results, profiles, FP32_TOLERANCE)
     assert not ok and results[0].diffs["cpu-ddp-2"]["final loss"] == pytest.approx(0.05)
+
+
+def test_chained_runs_are_reported_apart_and_not_judged(tmp_path):
+    w = {"w": torch.ones(4)}
+    write_stage(tmp_path, "cpu", "dpo", [0.7, 0.6, 0.5], w)
+    write_stage(tmp_path, "cpu-ddp-2", "dpo", [0.7, 0.6, 0.5], w)
+    write_stage(tmp_path / "chained", "cpu-ddp-2", "dpo", [0.8, 0.7, 0.6], {"w": torch.full((4,), 2.0)})
+    results = compare(tmp_path, ["cpu", "cpu-ddp-2"], ["dpo"], chained=True)
+    report, ok = format_report(results, ["cpu", "cpu-ddp-2"], FP32_TOLERANCE)
+    assert ok, report  # the isolated run agrees; the chained one is far off, and only shown
+    chained = results[0].chained["cpu-ddp-2"]
+    assert chained["final loss"] == pytest.approx(0.1 / 0.6)  # means 0.6 and 0.7
+    assert chained["weights"] == pytest.approx(1.0)
+    assert "chained: each profile from its own previous stage (for information, not judged)" in report
+
+
+def test_the_drift_twin_halves_the_reference_micro_batch(tmp_path):
+    import yaml
+
+    from dpo_dist.config.profiles import load_profile
+    from dpo_dist.config.schema import ConfigError
+    from dpo_dist.launch.parity import reordered_profile
+
+    twin = load_profile(reordered_profile("cpu-zero3-2", tmp_path))
+    ref = load_profile("cpu-zero3-2")
+    assert (twin.micro_batch_size, twin.world_size, twin.launcher) == (1, ref.world_size, ref.launcher)
+    assert Path(twin.deepspeed_config).is_absolute() and twin.path_of("deepspeed_config").is_file()
+    odd = tmp_path / "odd.yaml"
+    odd.write_text(yaml.safe_dump({**yaml.safe_load(Path(load_profile("cpu").source).read_text()),
+                                   "micro_batch_size": 3}))
+    with pytest.raises(ConfigError, match="--drift: .* has micro_batch_size 3, which cannot be halved"):
+        reordered_profile(str(odd), tmp_path)
