@@ -105,7 +105,7 @@ def test_parity_bf16_qlora_across_fsdp_and_zero3(tiny_base, data, tmp_path):
                 "cpu-bf16,cpu-fsdp-qlora-2,cpu-zero3-qlora-2", "--out", out])
     print(proc.stdout)
     result = json.loads((out / "parity.json").read_text())
-    assert result["ok"] and result["tolerance"] == {"series": 1e-2, "weights": 1e-1}
+    assert result["ok"] and result["tolerance"] == {"series": 1e-2, "weights": 1e-1, "final": 2e-2}
     for profile, backend in (("cpu-fsdp-qlora-2", "fsdp"), ("cpu-zero3-qlora-2", "deepspeed")):
         for stage in ("sft", "dpo"):
             s = check_sharded_run(out / profile / stage, backend, 2)
