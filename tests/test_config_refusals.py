@@ -68,6 +68,35 @@ def _profile(**changes):
     return write
 
 
+def _sp_profile(zero_stage: int | None = None, **changes):
+    """A profile file: cpu-zero3-sp-2 with `changes`; `zero_stage` writes it a ZeRO file of that stage."""
+    def write(tmp_path):
+        import json
+
+        from dpo_dist.config.profiles import LAUNCH_DIR
+
+        data = {**yaml.safe_load((LAUNCH_DIR / "cpu-zero3-sp-2.yaml").read_text()), **changes}
+        if zero_stage is not None:
+            zero = tmp_path / f"zero{zero_stage}.json"
+            zero.write_text(json.dumps({"zero_optimization": {"stage": zero_stage}, "train_batch_size": "auto",
+                                        "train_micro_batch_size_per_gpu": "auto"}))
+            data["deepspeed_config"] = str(zero)
+        path = tmp_path / "custom-sp-profile.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return str(path)
+    return write
+
+
+def _heads(query: int, kv: int):
+    def mutate(recipe, tmp_path):
+        import json
+        import pathlib
+
+        config = pathlib.Path(recipe["model"]["name_or_path"]) / "config.json"
+        config.write_text(json.dumps({"num_attention_heads": query, "num_key_value_heads": kv}))
+    return mutate
+
+
 def _both(*mutations):
     def mutate(recipe, tmp_path):
         for m in mutations:
@@ -183,6 +212,22 @@ CASES = [
      ["stages.dpo.train.sample_prompts: ", "prompts.jsonl:2: invalid JSON"]),
     ("sample prompts file missing", _set("train.sample_prompts", "nowhere.jsonl"), "train", None, [],
      ["train.sample_prompts: nowhere.jsonl: no such file"]),
+    ("sequence parallel under ZeRO-2", None, "launch", _sp_profile(zero_stage=2), [],
+     ["sequence_parallel: 2 needs DeepSpeed ZeRO-3", "has ZeRO stage 2", "2× too large"]),
+    ("sequence parallel under FSDP", None, "launch", _profile(sequence_parallel=2), [],
+     ["sequence_parallel: 2 needs DeepSpeed ZeRO-3", "the fsdp backend"]),
+    ("torch context parallel on CPU", None, "launch", _sp_profile(sequence_parallel_backend="torch"), [],
+     ["sequence_parallel_backend: torch is not available", "GPU kernels", "use sequence_parallel_backend: deepspeed"]),
+    ("sequence parallel not dividing the processes", None, "launch", _sp_profile(sequence_parallel=3), [],
+     ["sequence_parallel: 3 does not divide the 2 processes"]),
+    ("sequence parallel with eager attention", None, "launch", _sp_profile(attn_implementation="eager"), [],
+     ["attn_implementation: eager cannot be split along the sequence", "use sdpa or flash_attention_2"]),
+    ("sequence parallel with padding-free rows", _set("train.padding_free", True), "launch", _sp_profile(), [],
+     ["stages.sft.train.padding_free: true packs a batch into one row", "set it to auto or false"]),
+    ("sequence parallel with TRL's DPO head", _set("stages.1.train.compact_logps", False), "launch", _sp_profile(), [],
+     ["stages.dpo.train.compact_logps: false uses TRL's head", "keep compact_logps: true"]),
+    ("sequence parallel with indivisible heads", _heads(3, 3), "launch", _sp_profile(), [],
+     ["sequence_parallel 2 splits the attention heads", "has 3 query and 3 key/value heads"]),
 ]
 
 

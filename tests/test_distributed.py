@@ -55,7 +55,7 @@ def test_parity_demo_recipe_across_cpu_profiles(tmp_path):
     overrides = [o for o in demo_overrides(tmp_path) if not o.startswith("output_dir=")]
     out = tmp_path / "parity"
     proc = run([BIN / "dpo-dist", "parity", DEMO_RECIPE, *overrides, "--profiles",
-                "cpu,cpu-ddp-2,cpu-fsdp-2,cpu-zero3-2", "--steps", "6", "--drift", "--out", out])
+                "cpu,cpu-ddp-2,cpu-fsdp-2,cpu-zero3-2,cpu-zero3-sp-2", "--steps", "6", "--drift", "--out", out])
     print(proc.stdout)  # the table, for the CI log
     result = json.loads((out / "parity.json").read_text())
     assert result["ok"] and result["tolerance"] == {"series": 1e-4, "weights": 1e-4, "final": 2e-2}
@@ -71,7 +71,7 @@ def test_parity_demo_recipe_across_cpu_profiles(tmp_path):
     assert "rewards/margins" in result["stages"][2]["diffs"]["cpu-fsdp-2"]
     # Stages in isolation: every profile's SFT and DPO start from the reference's previous stage
     starts = {"sft": out / "cpu" / "pretrain" / "model", "dpo": out / "cpu" / "sft" / "merged"}
-    for profile in ("cpu-ddp-2", "cpu-fsdp-2", "cpu-zero3-2"):
+    for profile in ("cpu-ddp-2", "cpu-fsdp-2", "cpu-zero3-2", "cpu-zero3-sp-2"):
         for stage, start in starts.items():
             assert summary(out / profile / stage)["base"] == str(start)
             assert not (out / profile / stage / "merged").exists()  # nothing chains from it: no merge
@@ -90,6 +90,20 @@ def test_parity_demo_recipe_across_cpu_profiles(tmp_path):
     # reference = adapter off: the policy's first rewards are exactly 0
     dpo_first = read_metrics(out / "cpu-fsdp-2" / "dpo")[0]
     assert dpo_first["rewards/chosen"] == 0 and dpo_first["rewards/margins"] == 0
+    # Sequence parallel 2 (ZeRO-3 + Ulysses): both ranks run every sequence, each holding half of its positions
+    # and real targets in it (so the per-step agreement above is not one rank doing the work); the one
+    # data-parallel rank accumulates 8 micro-batches of 2 for the global batch of 16, where cpu-zero3-2 takes 4.
+    for stage in ("pretrain", "sft", "dpo"):
+        s = summary(out / "cpu-zero3-sp-2" / stage)
+        assert s["backend"] == "deepspeed" and s["world_size"] == 2 and s["gradient_accumulation_steps"] == 8
+        assert s["sequence_parallel"]["degree"] == 2 and len(s["sequence_parallel"]["ranks"]) == 2
+        for held in s["sequence_parallel"]["ranks"]:
+            assert held["whole"] > 0 and held["held"] * 2 == held["whole"], (stage, held)
+            assert held["targets_held"] > 0, (stage, held)
+        assert summary(out / "cpu-zero3-2" / stage)["gradient_accumulation_steps"] == 4
+    sp_dpo = read_metrics(out / "cpu-zero3-sp-2" / "dpo")
+    zero3_dpo = read_metrics(out / "cpu-zero3-2" / "dpo")
+    assert [m["num_tokens"] for m in sp_dpo] == [m["num_tokens"] for m in zero3_dpo]  # counted once per sequence
     # Really sharded, not replicated: each of the 2 ranks holds about half of the parameters (DDP holds all)
     single = summary(out / "cpu" / "sft")["model"]["params_on_rank"]
     assert summary(out / "cpu-ddp-2" / "sft")["model"]["params_on_rank"] == single
@@ -284,9 +298,9 @@ def test_sharded_adapter_reloads_with_same_logits_and_merges(case, tiny_base, da
 
 # ---- SIGKILL rank 1 after step 3: the job exits within 60 s; resume gives the same per-step metrics and adapter ------------------------------
 
-@pytest.mark.parametrize("profile", ["cpu-fsdp-2", "cpu-zero3-2"])
-def test_kill_and_resume_matches_uninterrupted(profile, tiny_base, data, tmp_path):
-    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_base, data, stages=("sft",), max_steps=6, save_steps=2,
+@pytest.mark.parametrize("profile,stage", [("cpu-fsdp-2", "sft"), ("cpu-zero3-2", "sft"), ("cpu-zero3-sp-2", "dpo")])
+def test_kill_and_resume_matches_uninterrupted(profile, stage, tiny_base, data, tmp_path):
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_base, data, stages=(stage,), max_steps=6, save_steps=2,
                           save_total_limit=5)
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     launch = [BIN / "dpo-dist", "launch", recipe, "--profile", profile, "--master-port", free_port()]
@@ -297,14 +311,14 @@ def test_kill_and_resume_matches_uninterrupted(profile, tiny_base, data, tmp_pat
     killed = float(re.search(r"\[fault\] rank 1: SIGKILL at the end of step 3 \(t=([\d.]+)\)", proc.stderr)[1])
     print(f"{profile}: rank 1 SIGKILLed; the job exited {exited - killed:.1f} s later (exit code {proc.returncode})")
     assert exited - killed < 60
-    assert [m["step"] for m in read_metrics(broken / "sft") if "loss" in m] == [1, 2]
-    assert sorted(p.name for p in (broken / "sft" / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]
-    assert not (broken / "sft" / "adapter").exists()
+    assert [m["step"] for m in read_metrics(broken / stage) if "loss" in m] == [1, 2]
+    assert sorted(p.name for p in (broken / stage / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (broken / stage / "adapter").exists()
     run([*launch, f"output_dir={broken}", "--resume"])
-    assert [m["step"] for m in read_metrics(broken / "sft") if "loss" in m] == [1, 2, 3, 4, 5, 6]
+    assert [m["step"] for m in read_metrics(broken / stage) if "loss" in m] == [1, 2, 3, 4, 5, 6]
     for key in ("loss", "grad_norm"):
-        assert rel_diff(losses(whole / "sft", key), losses(broken / "sft", key)) <= 1e-6, key
-    assert weights_diff(whole / "sft" / "adapter", broken / "sft" / "adapter") <= 1e-6
+        assert rel_diff(losses(whole / stage, key), losses(broken / stage, key)) <= 1e-6, key
+    assert weights_diff(whole / stage / "adapter", broken / stage / "adapter") <= 1e-6
 
 
 # ---- the reference log-prob cache, filled by sharded ranks -------------------------------------------------------

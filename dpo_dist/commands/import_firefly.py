@@ -707,7 +707,8 @@ def _validate(conv: Conversion, source: str) -> None:
         profile = load_profile(conv.profile_name) if conv.profile is None else build(Profile, conv.profile)
     except ConfigError as err:
         raise blame(err, "profile.") from None
-    gradient_accumulation(conv.global_batch_size, profile.micro_batch_size, profile.world_size, where=TRAIN)
+    gradient_accumulation(conv.global_batch_size, profile.micro_batch_size, profile.world_size, where=TRAIN,
+                          sequence_parallel=profile.sequence_parallel)
 
 
 # -- CLI ------------------------------------------------------------------------------------------------------------

@@ -165,6 +165,82 @@ PATCHES: tuple[Patch, ...] = (
         sites=("dpo_dist/training/dpo/trainer.py",),
     ),
     Patch(
+        name="accelerate-ulysses-batches",
+        library="accelerate",
+        target="accelerate.Accelerator.deepspeed_ulysses_dl_adapter (on the SFT and DPO trainers' accelerator)",
+        kind="override",
+        why="under sequence parallelism the Trainer wraps its training loader in DeepSpeed's Ulysses adapter, which "
+            "gathers every tensor at each rank's own length (gloo refuses unequal shapes) and splits input_ids/labels "
+            "batches only; dpo-dist exchanges the group's batches whole, splits SFT batches the same way, and hands "
+            "DPO batches (chosen and rejected rows with a completion mask) whole to its compact head, which splits "
+            "them.",
+        test="tests/test_distributed.py::test_parity_demo_recipe_across_cpu_profiles",
+        remove_when="when the adapter gathers batches of unequal lengths and splits preference batches",
+        sites=("dpo_dist/training/dpo/trainer.py", "dpo_dist/training/sft.py"),
+    ),
+    Patch(
+        name="deepspeed-ulysses-once-per-process",
+        library="deepspeed",
+        target="deepspeed.runtime.sequence_parallel (parallel_state_sp groups; its ALL_ATTENTION_FUNCTIONS entry)",
+        kind="private",
+        why="UlyssesSPAttentionHF.register_with_transformers sets up its groups once per process and replaces "
+            "transformers' core attention entry with its wrapper; a recipe's second stage in the same process would "
+            "be refused (groups already set up) or wrap the wrapper. Between stages both are undone.",
+        test="tests/test_distributed.py::test_parity_demo_recipe_across_cpu_profiles",
+        remove_when="when the registration can be undone through a public call",
+        sites=("dpo_dist/distributed/sequence.py",),
+    ),
+    Patch(
+        name="deepspeed-ulysses-any-batch-size",
+        library="deepspeed",
+        target="deepspeed.runtime.sequence_parallel.ulysses_sp.UlyssesSPAttentionHF.batch_size (via its attention entry)",
+        kind="private",
+        why="Ulysses attention is built for one batch size (the micro-batch) and asserts it on every call; a DPO "
+            "batch has twice the rows (chosen and rejected), a reference-cache batch more, the last batch fewer. "
+            "The batch size is set from each call's query before its check.",
+        test="tests/test_distributed.py::test_parity_demo_recipe_across_cpu_profiles",
+        remove_when="when Ulysses treats the batch size as variable, as it does the sequence length",
+        sites=("dpo_dist/distributed/sequence.py",),
+    ),
+    Patch(
+        name="transformers-skip-first-batches-group",
+        library="transformers",
+        target="transformers.trainer.skip_first_batches (for dpo-dist's sequence-parallel loader)",
+        kind="monkeypatch",
+        why="a resumed run skips its trained batches with accelerate's skip_first_batches, which rebuilds a plain "
+            "DataLoader from the loader's attributes; a sequence-parallel group's loader would lose its exchange and "
+            "each rank would run its own rows through attention that joins the group's sequences. The group loader "
+            "skips in its own loaders instead.",
+        test="tests/test_distributed.py::test_kill_and_resume_matches_uninterrupted",
+        remove_when="when the Trainer skips batches through the loader it was given (or a sequence-parallel adapter "
+                    "supports resuming)",
+        sites=("dpo_dist/distributed/sequence.py",),
+    ),
+    Patch(
+        name="trl-dpo-tokens-under-sequence-parallel",
+        library="trl",
+        target="trl.DPOTrainer._tp_size (its num_tokens divisor)",
+        kind="private",
+        why="trl 1.16 sums num_tokens over all ranks and divides by the tensor-parallel size only; the ranks of a "
+            "sequence-parallel group share one batch, so the count is divided by their number too.",
+        test="tests/test_distributed.py::test_parity_demo_recipe_across_cpu_profiles",
+        remove_when="when TRL counts the tokens of a batch once per sequence-parallel group",
+        sites=("dpo_dist/training/dpo/trainer.py",),
+    ),
+    Patch(
+        name="transformers-sequence-parallel-global-token-mean",
+        library="transformers",
+        target="transformers.Trainer.compute_loss / get_batch_samples (under DeepSpeed sequence parallelism)",
+        kind="override",
+        why="under sequence parallelism transformers 5 averages the loss over each micro-batch's tokens (its "
+            "deepspeed_sp_compute_loss) and then over the accumulation steps, where dpo-dist's SFT and pretraining "
+            "loss is the token mean over the whole optimizer step; the step's tokens are counted over all ranks and "
+            "each micro-batch's summed loss is divided by that count.",
+        test="tests/test_distributed.py::test_parity_demo_recipe_across_cpu_profiles",
+        remove_when="when the Trainer keeps num_items_in_batch under sequence parallelism",
+        sites=("dpo_dist/training/sft.py",),
+    ),
+    Patch(
         name="trl-orpo-cpo-global-nll",
         library="trl",
         target="trl.experimental.orpo.ORPOTrainer.concatenated_forward, "

@@ -36,6 +36,13 @@ class Profile:
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     optim: str | None = None  # null = the recipe's optimizer
     gradient_checkpointing: bool | None = None  # null = the recipe's setting
+    # Sequence parallelism: each sequence is split along its length over this many processes, which run it together
+    # (activations and logits per process fall by the factor). The data-parallel degree is then processes / N, and
+    # gradient accumulation is derived from that, so the global batch stays the recipe's. 1 = off.
+    sequence_parallel: int = 1
+    # deepspeed: DeepSpeed's Ulysses (all-to-all of attention heads), under ZeRO-3 only. torch: torch's context
+    # parallelism under FSDP2, which dpo-dist refuses for now (see the error).
+    sequence_parallel_backend: Literal["deepspeed", "torch"] = "deepspeed"
     # Seconds a collective may wait for the other ranks before the run fails with an error naming the step (a hung or
     # dead rank). It must cover the longest wait of a healthy run: the model download while the others wait, a step, an
     # evaluation, a checkpoint save with its fsync. Tokenizing the data is not in it: the ranks that wait for a
@@ -45,7 +52,7 @@ class Profile:
 
     def check(self, where: str) -> None:
         at = f"{where}." if where else ""
-        for key in ("num_processes", "num_nodes", "micro_batch_size", "collective_timeout_s"):
+        for key in ("num_processes", "num_nodes", "micro_batch_size", "collective_timeout_s", "sequence_parallel"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{at}{key}: must be positive, got {getattr(self, key)}")
         if not self.methods:
@@ -72,10 +79,41 @@ class Profile:
             if self.precision and mp and mp != self.precision:
                 raise ConfigError(f"{at}precision: {self.precision} differs from mixed_precision: "
                                   f"{acc['mixed_precision']} in {self.accelerate_config}")
+        if self.sequence_parallel > 1:
+            self._check_sequence_parallel(at)
+
+    def _check_sequence_parallel(self, at: str) -> None:
+        sp = self.sequence_parallel
+        if self.sequence_parallel_backend == "torch":
+            why = ("torch's context parallelism shards SDPA only through its GPU kernels (the CPU kernel has no "
+                   "sharding rule)" if self.device == "cpu" else
+                   "dpo-dist does not run torch's context parallelism yet (FSDP2's DPO log-probs are not split "
+                   "along the sequence)")
+            raise ConfigError(f"{at}sequence_parallel_backend: torch is not available: {why}; use "
+                              "sequence_parallel_backend: deepspeed with a ZeRO-3 file (Ulysses), e.g. the "
+                              "cpu-zero3-sp-2 or 8xh100-zero3-qlora-sp4 profile")
+        if self.world_size % sp:
+            raise ConfigError(f"{at}sequence_parallel: {sp} does not divide the {self.world_size} processes; pick a "
+                              "divisor, so that processes / sequence_parallel ranks train data-parallel")
+        stage = self.deepspeed_settings().get("zero_optimization", {}).get("stage") if self.deepspeed_file() else None
+        if stage != 3:
+            have = f"ZeRO stage {stage}" if stage is not None else f"the {self.backend} backend"
+            raise ConfigError(
+                f"{at}sequence_parallel: {sp} needs DeepSpeed ZeRO-3 (Ulysses runs inside DeepSpeed), and this profile "
+                f"has {have}. Under ZeRO-1/2 the gradients would come out {sp}× too large (they are divided by the "
+                "data-parallel ranks only, ZeRO-3 divides by all of them); name a ZeRO-3 file in deepspeed_config")
+        if self.attn_implementation == "eager":
+            raise ConfigError(f"{at}attn_implementation: eager cannot be split along the sequence (it needs the whole "
+                              "4-D mask); use sdpa or flash_attention_2 with sequence_parallel")
 
     @property
     def world_size(self) -> int:
         return self.num_processes * self.num_nodes
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Ranks that train on different rows: the processes over the sequence-parallel degree."""
+        return max(self.world_size // self.sequence_parallel, 1)
 
     def _project(self) -> list[Path]:
         return [Path(self.source).resolve().parent.parent] if self.source else []
@@ -143,12 +181,18 @@ def load_profile(name_or_path: str | None) -> Profile:
         raise ConfigError(f"{path}: {err}") from None
 
 
-def gradient_accumulation(global_batch: int, micro_batch: int, world_size: int, where: str = "train") -> int:
-    per_step = micro_batch * world_size
+def gradient_accumulation(global_batch: int, micro_batch: int, world_size: int, where: str = "train",
+                          sequence_parallel: int = 1) -> int:
+    """Micro-batches each rank accumulates per optimizer step. Under sequence parallelism the ranks of one group run
+    the same micro-batch, so only world_size / sequence_parallel of them add rows."""
+    data_parallel = max(world_size // sequence_parallel, 1)
+    per_step = micro_batch * data_parallel
     if global_batch % per_step:
+        ranks = (f"{data_parallel} data-parallel rank(s) ({world_size} processes / sequence_parallel "
+                 f"{sequence_parallel})" if sequence_parallel > 1 else f"{world_size} process(es)")
         raise ConfigError(
             f"{where}.global_batch_size: {global_batch} is not divisible by micro-batch {micro_batch} × "
-            f"{world_size} process(es) = {per_step}; pick a global batch that is a multiple of {per_step}, "
+            f"{ranks} = {per_step}; pick a global batch that is a multiple of {per_step}, "
             "or a profile with another micro-batch"
         )
     return global_batch // per_step

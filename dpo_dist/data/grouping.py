@@ -163,10 +163,12 @@ class LengthGroupedTrainer:
             return super()._get_train_sampler(train_dataset)
         dataset = self.train_dataset if train_dataset is None else train_dataset
         args = self.args
-        derived = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        # the ranks of a sequence-parallel group run the same micro-batches, one after another
+        derived = (args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+                   // self.get_sp_size())
         if derived != self.length_grouping.global_batch_size:  # derived from it: a mismatch is a bug, not a setting
-            raise RuntimeError(f"length grouping: micro-batch × accumulation × processes = {derived}, but the "
-                               f"recipe's global batch is {self.length_grouping.global_batch_size}")
+            raise RuntimeError(f"length grouping: micro-batch × accumulation × data-parallel ranks = {derived}, but "
+                               f"the recipe's global batch is {self.length_grouping.global_batch_size}")
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         self._length_sampler = GlobalBatchLengthSampler(row_lengths(dataset), self.length_grouping.global_batch_size,
                                                         self.length_grouping.window, seed)

@@ -204,6 +204,50 @@ def check_run(recipe: Recipe, profile: Profile, launch: Launch, backend: Backend
                 "single-GPU v100-qlora profile")
     if backend.kind == "deepspeed":
         _check_zero_file(profile, backend)
+    if profile.sequence_parallel > 1:
+        check_sequence_parallel(recipe, profile, launch, where)
+
+
+SEQUENCE_PARALLEL_STAGES = ("sft", "pretrain", "dpo")
+
+
+def check_sequence_parallel(recipe: Recipe, profile: Profile, launch: Launch, where: str) -> None:
+    """What sequence parallelism (dpo_dist.distributed.sequence) cannot split, refused before any weights load."""
+    sp = profile.sequence_parallel
+    if launch.world_size % sp:
+        raise ConfigError(f"{where}: sequence_parallel {sp} does not divide the {launch.world_size} processes of this "
+                          "launch; start a multiple of it")
+    for stage in recipe.stages:
+        at = f"stages.{stage.name}"
+        if stage.stage not in SEQUENCE_PARALLEL_STAGES:
+            raise ConfigError(f"{at}: {stage.stage} does not run under sequence parallelism ({where} has "
+                              f"sequence_parallel: {sp}); it runs for sft, pretrain and dpo stages. Use a profile "
+                              "without sequence_parallel for this stage")
+        if stage.train.padding_free is True:
+            raise ConfigError(f"{at}.train.padding_free: true packs a batch into one row, which sequence "
+                              f"parallelism does not split ({where}); set it to auto or false")
+        if stage.stage == "dpo" and not stage.train.compact_logps:
+            raise ConfigError(f"{at}.train.compact_logps: false uses TRL's head, which does not split the sequence "
+                              f"under {where}; keep compact_logps: true (the default)")
+    config = Path(recipe.model.name_or_path) / "config.json"
+    if config.is_file():  # a hub model is checked on the ranks, once its config is there (check_heads)
+        import json
+
+        check_heads(json.loads(config.read_text()), sp, f"model.name_or_path {recipe.model.name_or_path}", where)
+
+
+def check_heads(config: dict, sp: int, model: str, where: str) -> None:
+    """Ulysses gives each rank of the group 1/N of the attention heads: the query heads must divide by N, and the
+    key/value heads must divide by N or divide N (they are then repeated)."""
+    config = config.get("text_config", config)
+    heads = config.get("num_attention_heads")
+    kv = config.get("num_key_value_heads") or heads
+    if heads is None:
+        return
+    if heads % sp or (kv % sp and sp % kv):
+        raise ConfigError(f"{where}: sequence_parallel {sp} splits the attention heads, but {model} has {heads} "
+                          f"query and {kv} key/value heads; use a sequence_parallel that divides {heads} and divides "
+                          f"or is divided by {kv}")
 
 
 def _check_zero_file(profile: Profile, backend: Backend) -> None:
@@ -349,6 +393,14 @@ def trainer_overrides(profile: Profile, backend: Backend, checkpointing: bool, p
                  "ddp_timeout": profile.collective_timeout_s}
     if backend.deepspeed_file is not None:
         out["deepspeed"] = str(backend.deepspeed_file)
+    if profile.sequence_parallel > 1:
+        from accelerate.parallelism_config import ParallelismConfig
+
+        # DeepSpeed builds the groups itself; dp_shard_size carries the data-parallel degree into the batch size
+        # accelerate writes into the ZeRO config (micro-batch × accumulation × data-parallel ranks)
+        sp = profile.sequence_parallel
+        out["parallelism_config"] = ParallelismConfig(sp_size=sp, sp_backend="deepspeed",
+                                                      dp_shard_size=max(ranks.world_size() // sp, 1))
     if backend.kind == "fsdp" and backend.fsdp.get("fsdp_activation_checkpointing"):
         out["gradient_checkpointing"] = False  # FSDP checkpoints each wrapped layer itself; both at once is refused
         out["gradient_checkpointing_kwargs"] = None

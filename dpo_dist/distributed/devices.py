@@ -97,3 +97,18 @@ def local_tensor(param):
     if hasattr(param, "ds_tensor"):
         return param.ds_tensor
     return param
+
+
+def peak_rss_mib_per_rank() -> list[float]:
+    """Each rank's peak resident memory so far (the process's whole life, so a later stage includes the earlier
+    ones' peaks), in MiB, in rank order. Collective when several ranks run."""
+    import resource
+
+    import torch.distributed as dist
+
+    mine = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return [mine]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return out

@@ -108,7 +108,8 @@ def preflight(recipe_path: str, profile: Profile, overrides: list[str], nodes: i
     if sources:
         check_recipe(recipe)
     for s in recipe.stages:
-        gradient_accumulation(s.train.global_batch_size, profile.micro_batch_size, world, f"stages.{s.name}.train")
+        gradient_accumulation(s.train.global_batch_size, profile.micro_batch_size, world, f"stages.{s.name}.train",
+                              profile.sequence_parallel)
 
 
 def launch(recipe: str, profile_arg: str, overrides: list[str], nodes: Nodes | None = None, stage: str | None = None,

@@ -43,7 +43,8 @@ def training_kwargs(stage: StageConfig, profile: Profile, run_dir: Path, seed: i
         per_device_train_batch_size=profile.micro_batch_size,
         per_device_eval_batch_size=profile.micro_batch_size,
         gradient_accumulation_steps=gradient_accumulation(
-            t.global_batch_size, profile.micro_batch_size, world_size, where=f"stages.{stage.name}.train"),
+            t.global_batch_size, profile.micro_batch_size, world_size, where=f"stages.{stage.name}.train",
+            sequence_parallel=profile.sequence_parallel),
         learning_rate=t.learning_rate,
         num_train_epochs=t.num_epochs,
         max_steps=t.max_steps,

@@ -23,6 +23,7 @@ from dpo_dist.config.profiles import Profile, load_profile
 from dpo_dist.config.recipe import Recipe, StageConfig, load_recipe
 from dpo_dist.config.schema import ConfigError
 from dpo_dist.distributed.ranks import is_main_process, rank, world_size
+from dpo_dist.distributed.devices import peak_rss_mib_per_rank
 
 
 @dataclass
@@ -37,6 +38,14 @@ class StageResult:
 
 class Stopped(Exception):
     """Training stopped on request after saving a complete checkpoint (see dpo_dist.reliability.checkpoints)."""
+
+
+def sequence_parallel_facts(degree: int) -> dict:
+    """The degree, and per rank what it split during the stage (dpo_dist.distributed.sequence.POSITIONS).
+    Collective."""
+    from dpo_dist.distributed import sequence
+
+    return {"degree": degree, "ranks": sequence.facts()}
 
 
 def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: str, run_dir: Path,
@@ -104,10 +113,23 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
         (run_dir / "data_report.json").write_text(json.dumps(report, indent=1))
 
     # ---- model ----------------------------------------------------------------------------------------------------
+    if profile.sequence_parallel > 1:  # the local-model check of check_run, for any model (hub, a chained stage)
+        from transformers import AutoConfig
+
+        from dpo_dist.distributed.backends import check_heads
+
+        config = AutoConfig.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision).to_dict()
+        check_heads(config, profile.sequence_parallel, model_cfg.name_or_path, f"profile {profile.name}")
     set_seed(recipe.seed)  # adapters are initialised randomly: same seed, same start on every rank and profile
     model = load_model(model_cfg, method, precision, profile.attn_implementation,
                        sharded=backend.kind in ("fsdp", "deepspeed"), cuda=cuda)
     peft_config = lora_config(method_cfg) if method in ("lora", "qlora") else None
+    if getattr(args, "parallelism_config", None) is not None and args.parallelism_config.sp_enabled:
+        # Ulysses wraps the attention the model was loaded with (sdpa or flash), and must be told which
+        args.parallelism_config.sp_handler.sp_attn_implementation = model.config._attn_implementation
+        from dpo_dist.distributed import sequence
+
+        sequence.release()  # an earlier stage's groups (every rank reaches this together)
 
     # ---- trainer --------------------------------------------------------------------------------------------------
     stop = StopOnRequest(stage.name, log=log)
@@ -194,7 +216,10 @@ def run_stage(recipe: Recipe, stage: StageConfig, profile: Profile, base_path: s
         "backend": backend.kind,
         "world_size": world_size(),
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        **({"sequence_parallel": sequence_parallel_facts(profile.sequence_parallel)}
+           if profile.sequence_parallel > 1 else {}),
         "model": model_facts(trainer.model),
+        "peak_rss_mib": peak_rss_mib_per_rank(),
         # train.torch_compile as applied: the model the Trainer stepped is a torch.compile module
         "compiled": is_compiled_module(trainer.model_wrapped),
         "output": str(output),

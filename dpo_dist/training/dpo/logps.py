@@ -20,8 +20,9 @@ its call's choices are changed:
   dense over the packed row, so auto leaves it off there.
 
 The result is the same tensors TRL's head returns (`FusedCausalLMOutput`: zero at unscored positions), so the rest
-of DPOTrainer, and SimPO, run unchanged. Calls this path does not cover (pre-shifted `shift_labels` under sequence
-parallelism, MoE router logits) go to TRL's forward untouched.
+of DPOTrainer, and SimPO, run unchanged. Under sequence parallelism each rank scores its part of the sequence and the
+parts are gathered (`_sequence_parallel_forward`). Calls this path does not cover (pre-shifted `shift_labels`, MoE
+router logits) go to TRL's forward untouched.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import types
 import torch
 
 from dpo_dist import compat
+from dpo_dist.distributed import sequence
 
 DEFAULT_VOCAB_CHUNK = 8192
 
@@ -158,7 +160,7 @@ def install_compact_head(model, outputs: tuple[str, ...], vocab_chunk: int = DEF
     sequences apart, with varlen kernels under flash attention), and each scored position reads its hidden state
     from the packed row."""
     from torch.distributed.tensor import DTensor
-    from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
 
     use_triton_only_where_it_runs()
     triton_runs_on(model.get_output_embeddings().weight.device)  # decided now, not inside a compiled step
@@ -177,6 +179,10 @@ def install_compact_head(model, outputs: tuple[str, ...], vocab_chunk: int = DEF
         kwargs["use_cache"] = False
         backbone = getattr(self, backbone_attr)
         head = self.get_output_embeddings()
+        sp_group = sequence.group() if self.training and not args and "input_ids" in kwargs else None
+        if sp_group is not None:
+            return _sequence_parallel_forward(backbone, head, kwargs, labels, sp_group, vocab_chunk, outputs, softcap,
+                                              scale, num_items_in_batch)
         labels = labels[:, 1:].to(head.weight.device)
         mask = labels != -100
         packed = padding_free and not args and kwargs.get("attention_mask") is not None and "input_ids" in kwargs
@@ -196,11 +202,41 @@ def install_compact_head(model, outputs: tuple[str, ...], vocab_chunk: int = DEF
             weight = weight.full_tensor()
             bias = bias.full_tensor() if bias is not None else None
         with maybe_gather_lm_head_ctx(weight, bias):  # ZeRO-3: gather the partitioned head
-            log_probs, entropy, log_sum_sq, mean_logits, is_top1 = _score(
-                rows, mask, labels, weight, bias, vocab_chunk, outputs, softcap, scale, 1.0)
-        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
-        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq,
-                                   mean_logits=mean_logits, is_top1=is_top1, label_mask=mask, aux_loss=None)
+            scored = _score(rows, mask, labels, weight, bias, vocab_chunk, outputs, softcap, scale, 1.0)
+        return _output(scored, mask, num_items_in_batch)
 
     compat.patch("trl-compact-lm-head")
     model.forward = types.MethodType(_compact_forward, model)
+
+
+def _output(scored, mask, num_items_in_batch):
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    log_probs, entropy, log_sum_sq, mean_logits, is_top1 = scored
+    loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+    return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq,
+                               mean_logits=mean_logits, is_top1=is_top1, label_mask=mask, aux_loss=None)
+
+
+def _sequence_parallel_forward(backbone, head, kwargs, labels, sp_group, vocab_chunk, outputs, softcap, scale,
+                               num_items_in_batch):
+    """The compact head under sequence parallelism (dpo_dist.distributed.sequence): this rank runs the backbone on its
+    part of every sequence (Ulysses attention sees the whole sequence), scores its part's completion tokens, and the
+    group's parts are gathered back into whole rows, so every rank returns the same [B, T − 1] tensors as one
+    process would. The batch is right-padded (TRL's collator), so with causal attention the padding, including the
+    extra padding to a multiple of the group size, never changes a real position."""
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+    input_ids = kwargs.pop("input_ids")
+    kwargs.pop("attention_mask", None)  # Ulysses attends causally by position; the mask's padding is at the end
+    kwargs.pop("position_ids", None)
+    t = input_ids.size(1)
+    ids, positions, targets, _ = sequence.split_by_position(input_ids, labels, 0, sp_group)
+    hidden = backbone(input_ids=ids, position_ids=positions, **kwargs).last_hidden_state
+    targets = targets.to(head.weight.device)
+    mask = targets != -100
+    with maybe_gather_lm_head_ctx(head.weight, head.bias):  # ZeRO-3: gather the partitioned head
+        scored = _score(hidden.to(head.weight.device)[mask], mask, targets, head.weight, head.bias, vocab_chunk,
+                        outputs, softcap, scale, 1.0)
+    whole = tuple(None if x is None else sequence.gather_positions(x, sp_group)[:, :t - 1] for x in scored)
+    return _output(whole, labels[:, 1:].to(head.weight.device) != -100, num_items_in_batch)

@@ -11,7 +11,8 @@ model as the backend prepared it, with every rank taking part:
    files, dtype, quantization, precision, attention implementation and library versions) is read on rank 0 and
    broadcast, so all ranks agree on what is missing;
 3. the missing pairs are sorted by length, cut into batches of `train.ref_logps_batch_size` pairs (default 4 × the
-   micro-batch: a no-grad forward keeps no activations), dealt to the ranks round-robin, and run through TRL's own
+   micro-batch: a no-grad forward keeps no activations), dealt to the ranks round-robin (to the groups, under sequence
+   parallelism), and run through TRL's own
    `compute_ref_log_probs` (adapter disabled with LoRA, the frozen copy for full DPO). A rank with fewer batches runs
    a repeat so that sharded forwards stay in step;
 4. the pass flushes as it goes: after its first round and then about every `flush_s` (60) seconds, the results since
@@ -260,7 +261,11 @@ class RefLogpsCache:
         pairs_before = [0]  # pairs in batches[:n], for the progress lines
         for b in batches:
             pairs_before.append(pairs_before[-1] + len(b))
-        world, rank = acc.num_processes, acc.process_index
+        # The ranks of a sequence-parallel group run each batch together (dpo_dist.distributed.sequence): batches
+        # are dealt to the groups, and the first rank of each group keeps the results.
+        sp = trainer.get_sp_size()
+        world, rank = acc.num_processes // sp, acc.process_index // sp
+        keeps = acc.process_index % sp == 0
         rounds = math.ceil(len(batches) / world)
         if main and batches:
             self.log(f"[ref-logps] {len(missing)} of {len(set(keys))} pairs not in {self.path}: computing them in "
@@ -275,14 +280,14 @@ class RefLogpsCache:
             idx = batches[mine] if mine < len(batches) else batches[0]  # a repeat keeps sharded forwards in step
             batch = trainer._prepare_inputs(without_pair_keys(collate([rows[i] for i in idx])))
             chosen, rejected = trainer.compute_ref_log_probs(model, batch)
-            if mine < len(batches):  # keys are padding-independent, so each row's key from above is its key here
+            if mine < len(batches) and keeps:  # keys are padding-independent: each row's key from above is its key
                 pending += zip((keys[i] for i in idx), chosen.float().tolist(), rejected.float().tolist())
             done = r + 1
             faults.during_ref_pass(done)
             flush = done in (next_flush, rounds)
             if flush:  # a collective: every rank reaches the same rounds
                 seconds = time.perf_counter() - flushed_at
-                parts = gather_object([(seconds, pending)]) if world > 1 else [(seconds, pending)]
+                parts = gather_object([(seconds, pending)]) if acc.num_processes > 1 else [(seconds, pending)]
                 new = [record for _, records in parts for record in records]
                 if main:
                     self._append(new)

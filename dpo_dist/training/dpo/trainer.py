@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from trl import DPOConfig, DPOTrainer
 
+from dpo_dist import compat
 from dpo_dist.data.grouping import LengthGroupedTrainer, grouping_for
+from dpo_dist.distributed import sequence
 from dpo_dist.config.profiles import Profile
 from dpo_dist.config.recipe import StageConfig
 from dpo_dist.reliability.guard import GuardedTrainer
@@ -27,6 +29,23 @@ class PretokenizedDPOTrainer(LengthGroupedTrainer, GuardedTrainer, DPOTrainer):
         self.simpo_gamma = simpo_gamma
         self.ref_cache: RefLogpsCache | None = None  # set by build_dpo_trainer (train.ref_logps_cache)
         super().__init__(*args, **kwargs)
+        if self.get_sp_size() > 1:
+            # compat: accelerate-ulysses-batches
+            # The Trainer hands its training loader to accelerate's Ulysses adapter, which splits input_ids/labels
+            # batches; DPO's batches go whole to every rank of the group instead (dpo_dist.distributed.sequence),
+            # and the compact head splits them.
+            compat.patch("accelerate-ulysses-batches")
+            self.accelerator.deepspeed_ulysses_dl_adapter = self._group_batches
+            # compat: trl-dpo-tokens-under-sequence-parallel
+            # TRL sums num_tokens over every rank and divides by its tensor-parallel size, the ranks that share a
+            # batch; under sequence parallelism the ranks of a group share it.
+            compat.patch("trl-dpo-tokens-under-sequence-parallel")
+            self._tp_size = self._tp_size * self.get_sp_size()
+
+    def _group_batches(self, loader, model):
+        sequence.any_batch_size()
+        sequence.skip_group_batches()
+        return sequence.GroupBatches(loader, sequence.group(), self.accelerator.device)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         # compat: trl-dpo-pretokenized-rows
@@ -106,7 +125,7 @@ class PretokenizedDPOTrainer(LengthGroupedTrainer, GuardedTrainer, DPOTrainer):
         metrics["logps/chosen"].append(gather(logps_c).mean().item())
         metrics["logps/rejected"].append(gather(logps_r).mean().item())
         if mode == "train":
-            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
         return loss
 
