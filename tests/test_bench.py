@@ -124,3 +124,16 @@ def test_data_workload_reports_both_sizes_and_kinds_with_the_same_work(tmp_path)
     assert set(report["growth"]) == {"sft", "pretrain"}
     assert report["growth"]["sft"]["at_1m_rows"]["rows"] == 1_000_000
     assert "extrapolated to 1M rows" in output and "B/A" in output
+
+
+@pytest.mark.distributed
+def test_sp_workload_runs_both_profiles_on_the_same_rows_and_reports_each_ranks_peak(tmp_path):
+    report, output = _bench(tmp_path, "--workload", "sp", "--sp-seq", "256", "--steps", "1", "--repeats", "1",
+                            "--model-size", "tiny")
+    assert report["profiles"] == ["cpu-zero3-2", "cpu-zero3-sp-2"] and report["same_first_loss"], report
+    dp, sp = (report["runs"][p][0] for p in report["profiles"])
+    assert len(dp["peak_rss_mib"]) == len(sp["peak_rss_mib"]) == 2 and all(_positive(v) for v in sp["peak_rss_mib"])
+    assert dp["sequence_parallel"] is None and sp["sequence_parallel"]["degree"] == 2
+    assert dp["tokens"] == sp["tokens"] > 0  # the same rows, counted once per sequence under sequence parallelism
+    assert _positive(report["ratio_real_tokens_per_s"]) and _positive(report["ratio_max_rank_peak_rss"])
+    assert "peak RSS, largest rank (MiB)" in output

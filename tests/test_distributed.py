@@ -29,7 +29,8 @@ import yaml
 from dpo_dist.launch.parity import rel_diff, weights_diff
 from dpo_dist.training.dpo import ref_cache
 from dpo_dist.training.common import read_metrics
-from tests.helpers import BIN, ROOT, free_port, losses, run, summary, write_recipe
+from tests.conftest import WORDS
+from tests.helpers import BIN, ROOT, free_port, losses, run, summary, write_jsonl, write_recipe
 
 pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
 LN2 = math.log(2)
@@ -91,15 +92,17 @@ def test_parity_demo_recipe_across_cpu_profiles(tmp_path):
     dpo_first = read_metrics(out / "cpu-fsdp-2" / "dpo")[0]
     assert dpo_first["rewards/chosen"] == 0 and dpo_first["rewards/margins"] == 0
     # Sequence parallel 2 (ZeRO-3 + Ulysses): both ranks run every sequence, each holding half of its positions
-    # and real targets in it (so the per-step agreement above is not one rank doing the work); the one
+    # with real tokens in it; in pretraining and SFT both halves hold targets (the demo's DPO answers all end in
+    # the second half: test_kill_and_resume_matches_uninterrupted covers DPO targets on both ranks). The one
     # data-parallel rank accumulates 8 micro-batches of 2 for the global batch of 16, where cpu-zero3-2 takes 4.
     for stage in ("pretrain", "sft", "dpo"):
         s = summary(out / "cpu-zero3-sp-2" / stage)
         assert s["backend"] == "deepspeed" and s["world_size"] == 2 and s["gradient_accumulation_steps"] == 8
         assert s["sequence_parallel"]["degree"] == 2 and len(s["sequence_parallel"]["ranks"]) == 2
         for held in s["sequence_parallel"]["ranks"]:
-            assert held["whole"] > 0 and held["held"] * 2 == held["whole"], (stage, held)
-            assert held["targets_held"] > 0, (stage, held)
+            assert held["whole"] > 0 and held["held"] * 2 == held["whole"] and held["real_held"] > 0, (stage, held)
+            assert held["targets_held"] > 0 or stage == "dpo", (stage, held)
+        assert sum(r["targets_held"] for r in s["sequence_parallel"]["ranks"]) > 0
         assert summary(out / "cpu-zero3-2" / stage)["gradient_accumulation_steps"] == 4
     sp_dpo = read_metrics(out / "cpu-zero3-sp-2" / "dpo")
     zero3_dpo = read_metrics(out / "cpu-zero3-2" / "dpo")
@@ -300,11 +303,24 @@ def test_sharded_adapter_reloads_with_same_logits_and_merges(case, tiny_base, da
 
 @pytest.mark.parametrize("profile,stage", [("cpu-fsdp-2", "sft"), ("cpu-zero3-2", "sft"), ("cpu-zero3-sp-2", "dpo")])
 def test_kill_and_resume_matches_uninterrupted(profile, stage, tiny_base, data, tmp_path):
+    sequence_parallel = profile == "cpu-zero3-sp-2"
+    if sequence_parallel:  # answers long enough to cross the middle: both halves of a sequence hold targets
+        pairs = [{"prompt": f"Describe the owl {i}.",
+                  "chosen": " ".join(WORDS[(i + j) % len(WORDS)] for j in range(20)),
+                  "rejected": "It is rude" + " and loud" * (6 + i % 4) + "."} for i in range(48)]
+        data = {**data, "dpo": str(write_jsonl(tmp_path / "long-dpo.jsonl", pairs))}
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_base, data, stages=(stage,), max_steps=6, save_steps=2,
                           save_total_limit=5)
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     launch = [BIN / "dpo-dist", "launch", recipe, "--profile", profile, "--master-port", free_port()]
     run([*launch, f"output_dir={whole}"])
+    if sequence_parallel:  # the uninterrupted run is itself the one-process run's numbers, per step
+        one = tmp_path / "one"
+        run([BIN / "dpo-dist", "launch", recipe, "--profile", "cpu", f"output_dir={one}"])
+        for key in ("loss", "grad_norm", "rewards/chosen"):
+            assert rel_diff(losses(one / stage, key), losses(whole / stage, key)) <= 1e-4, key
+        ranks = summary(whole / stage)["sequence_parallel"]["ranks"]
+        assert all(r["targets_held"] > 0 and r["held"] * 2 == r["whole"] for r in ranks), ranks
     # SIGKILL on rank 1 only, as a lost node would: the whole job must fail fast, not hang on rank 0.
     proc = run([*launch, f"output_dir={broken}"], env={"DPO_DIST_KILL_AT_STEP": "3@1"}, expect=1, timeout=300)
     exited = time.time()

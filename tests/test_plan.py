@@ -143,6 +143,26 @@ def test_dpo_runs_twice_the_tokens_and_checkpointing_cuts_activations():
     assert plain.per_gpu_gib > sft.per_gpu_gib
 
 
+def test_sequence_parallel_divides_activations_and_logits_not_the_weights(capsys):
+    arch = preset_arch(find_preset("qwen2.5-72b"))
+    one, four = (plan(PlanInput(arch, stage="dpo", gpus=8, layout="zero3", seq=16384, sp=sp)) for sp in (1, 4))
+    for key in ("act_checkpoints", "logits"):
+        assert four.gib(key) == pytest.approx(one.gib(key) / 4)
+    for key in ("weights_nf4", "optimizer", "gathered_live"):
+        assert four.gib(key) == pytest.approx(one.gib(key))
+    data = plan_json(capsys, "--model", "qwen2.5-72b", "--method", "qlora", "--stage", "dpo", "--gpus", "8",
+                     "--sp", "4", "--seq", "16384")
+    sp = data["sequence_parallel"]
+    assert data["layout"] == "zero3" and data["fits"] and sp["degree"] == 4
+    # per GPU per layer, forward: 8192 local tokens × (2 × 8192 + 2 × 1024) × 2 B × 3/4
+    assert sp["traffic_bytes_per_layer"] == 8192 * (2 * 8192 + 2 * 1024) * 2 * 3 / 4
+    assert sp["longest_seq"] > 3 * sp["longest_seq_without"] > 0
+    assert data["recommendation"]["profile"] == "8xh100-zero3-qlora-sp4"
+    longer = plan(PlanInput(arch, stage="dpo", gpus=8, layout="zero3", seq=sp["longest_seq"] + 256, sp=4))
+    assert not longer.fits and plan(PlanInput(arch, stage="dpo", gpus=8, layout="zero3", seq=sp["longest_seq"],
+                                              sp=4)).fits
+
+
 def test_kto_orpo_and_cpo_plan_as_their_trainers_run():
     # ORPO and CPO: chosen + rejected in one forward, as DPO, and no reference. KTO: one sequence per row, and a
     # reference as DPO's (free with an adapter, a frozen copy for full fine-tuning).
@@ -315,6 +335,9 @@ def test_recipe_pointing_at_a_local_model_directory(capsys, tmp_path, tiny_model
     (["--model", "qwen2.5-7b", "--gpus", "2", "--layout", "ddp", "--offload"], "--offload: parameter CPU offload"),
     (["--model", "qwen2.5-7b", "--gpu-mem", "0"], "--gpu-mem: must be positive"),
     (["--model", "qwen2.5-7b", "--gpus", "2", "--layout", "fsdp", "--precision", "fp16"], "refuses fp16 LoRA/QLoRA"),
+    (["--model", "qwen2.5-7b", "--gpus", "2", "--layout", "fsdp", "--sp", "2"],
+     "sequence parallelism runs under DeepSpeed ZeRO-3 only"),
+    (["--model", "qwen2.5-7b", "--gpus", "8", "--sp", "3"], "--sp 3 must divide --gpus 8"),
 ])
 def test_bad_inputs_are_clear_errors(capsys, args, message):
     code, _, err = run_plan(capsys, *args)

@@ -63,7 +63,7 @@ def build_tokenizer():
     return tokenizer
 
 
-def build_model_dir(out: Path, size: str, seed: int) -> Path:
+def build_model_dir(out: Path, size: str, seed: int, max_positions: int = 0) -> Path:
     """Tokenizer + random-weight Qwen2 of the given size, saved like any Hugging Face model directory."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -73,7 +73,7 @@ def build_model_dir(out: Path, size: str, seed: int) -> Path:
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=spec.hidden * 3,
         num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
-        max_position_embeddings=max(256, spec.max_length), tie_word_embeddings=True,
+        max_position_embeddings=max(256, spec.max_length, max_positions), tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
     )
     torch.manual_seed(seed)

@@ -29,9 +29,10 @@ MEDIAN_KEYS = ("real_tokens_per_s", "step_time_s", "padding_fraction", "peak_mem
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark dpo-dist against a plain TRL script on one workload (A B A B …)")
-    p.add_argument("--workload", choices=("dpo", "sft", "data"), default="dpo",
+    p.add_argument("--workload", choices=("dpo", "sft", "data", "sp"), default="dpo",
                    help="dpo or sft: training steps; data: preparing data (a plain datasets script against "
-                        "dpo-dist's prepare), see --data-rows")
+                        "dpo-dist's prepare), see --data-rows; sp: long-sequence DPO under a data-parallel and a "
+                        "sequence-parallel profile, see --sp-seq")
     p.add_argument("--lengths", choices=("realistic", "uniform"), default="realistic",
                    help="realistic: long-tailed prompt/response lengths like UltraFeedback; uniform: all alike")
     p.add_argument("--micro-batch", type=int, default=4, metavar="N", help="pairs (dpo) or rows (sft) per micro-batch")
@@ -60,6 +61,10 @@ def add_parser(sub) -> None:
                    help="--workload data: sft (Firefly multi-turn) and/or pretrain ({\"text\"}), comma-separated")
     p.add_argument("--num-proc", type=int, metavar="N", help="--workload data: tokenization processes on both sides "
                    "(default: the cores available, as data.num_proc)")
+    p.add_argument("--sp-seq", type=int, default=4096, metavar="T",
+                   help="--workload sp: tokens per chosen/rejected sequence (prompt + answer; default 4096)")
+    p.add_argument("--sp-profiles", default="cpu-zero3-2,cpu-zero3-sp-2", metavar="A,B",
+                   help="--workload sp: the two profiles compared (default cpu-zero3-2,cpu-zero3-sp-2)")
     p.add_argument("--work-dir", help="keep the model, data, runs and logs here (default: a temporary directory)")
     p.set_defaults(func=run)
 
@@ -365,6 +370,8 @@ def run(args) -> int:
         from dpo_dist.bench import prepare as bench_prepare
 
         return bench_prepare.run(args)
+    if args.workload == "sp":
+        return run_sequence_parallel(args)
     for name in ("micro_batch", "grad_accum", "repeats"):
         if getattr(args, name) <= 0:
             print(f"error: --{name.replace('_', '-')} must be positive", file=sys.stderr)
@@ -385,6 +392,25 @@ def run(args) -> int:
     report = bench(args)
     emit(report, format_table(report), args.json)
     return 0 if report["same_work"]["equal"] else 1
+
+
+def run_sequence_parallel(args) -> int:
+    import shutil
+
+    from dpo_dist.bench import sequence
+
+    if len(args.sp_profiles.split(",")) != 2 or args.sp_seq < 64 or args.steps < 1 or args.repeats < 1:
+        print("error: --workload sp needs --sp-profiles A,B, --sp-seq of 64 or more, and positive --steps and "
+              "--repeats", file=sys.stderr)
+        return 2
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="dpo-dist-bench-sp-")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    report = sequence.bench_sequence_parallel(args, work, progress)
+    report["machine"] = machine()
+    if not args.work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    emit(report, sequence.format_table(report), args.json)
+    return 0 if report["same_first_loss"] else 1
 
 
 def emit(report: dict, table: str, json_to: str | None) -> None:

@@ -20,7 +20,8 @@ from dpo_dist.config.schema import ConfigError
 from dpo_dist.planner.arch import Arch, config_arch, find_preset, fmt_count, preset_arch, preset_names
 from dpo_dist.planner.constants import (LAYOUT_TEXT, LAYOUTS, METHODS, OPTIMIZERS, PRECISIONS, STAGES,
                                            TIGHT_FRACTION)
-from dpo_dist.planner.model import Plan, PlanInput, candidate_layouts, largest_micro_batch, plan
+from dpo_dist.planner.model import (Plan, PlanInput, candidate_layouts, largest_micro_batch, longest_seq, plan,
+                                    sp_traffic_bytes)
 
 DEFAULTS = dict(method="qlora", stage="sft", seq=2048, lora_r=8, lora_dropout=0.05, optim="adamw_torch",
                 precision="bf16", gradient_checkpointing=True)
@@ -94,8 +95,9 @@ def build_input(args) -> tuple[PlanInput, str]:
                     lora_r=settings["lora_r"], lora_dropout=settings["lora_dropout"],
                     target_modules=settings.get("target_modules"), optim=settings["optim"],
                     precision=settings["precision"], gradient_checkpointing=settings["gradient_checkpointing"],
-                    layout="single" if args.gpus == 1 else "ddp", upcast_unquantized=args.upcast_unquantized,
-                    fp32_adapters=args.fp32_adapters, grad_accum=args.grad_accum)
+                    layout="single" if args.gpus == 1 else "zero3" if args.sp > 1 else "ddp",
+                    upcast_unquantized=args.upcast_unquantized,
+                    fp32_adapters=args.fp32_adapters, grad_accum=args.grad_accum, sp=args.sp)
     return inp, source
 
 
@@ -176,13 +178,16 @@ def recommend_profile(inp: PlanInput, layout: str) -> dict:
         diffs = []
         if lay != layout:
             diffs.append(f"it runs {lay}, not {layout}")
+        if prof.sequence_parallel != inp.sp:
+            diffs.append(f"its sequence_parallel is {prof.sequence_parallel}: set sequence_parallel: {inp.sp}")
         if inp.method not in prof.methods:
             diffs.append(f"its methods are {', '.join(prof.methods)}: add {inp.method}")
         if prof.world_size != inp.gpus:
             diffs.append(f"it starts {prof.world_size} processes: set num_processes: {inp.gpus}"
                          + (" (and in its accelerate file)" if prof.accelerate_config else ""))
         precision_ok = prof.precision in (None, inp.precision)
-        rank = (lay != layout, inp.method not in prof.methods, abs(prof.world_size - inp.gpus), not precision_ok)
+        rank = (lay != layout, prof.sequence_parallel != inp.sp, inp.method not in prof.methods,
+                abs(prof.world_size - inp.gpus), not precision_ok)
         scored.append((rank, name, prof, diffs))
     scored.sort(key=lambda s: s[:2])
     rank, name, prof, diffs = scored[0]
@@ -227,8 +232,23 @@ def render(result: dict) -> str:
         lines.append(f"  offloaded to CPU RAM, per process: {p.cpu_gib:.2f} GiB ("
                      + ", ".join(f"{i.label} {i.gib:.2f}" for i in offloaded) + ")")
     lines.append("")
+    lines += sequence_parallel_lines(result)
     lines += recommendation_lines(result)
     return "\n".join(lines)
+
+
+def sequence_parallel_lines(result: dict) -> list[str]:
+    sp = result.get("sequence_parallel")
+    if not sp:
+        return []
+    inp = result["plan"].inp
+    mib = sp["traffic_bytes_per_layer"] / 2 ** 20
+    return [f"sequence parallel {inp.sp}: each GPU holds {inp.local_tokens} of the micro-batch's {inp.tokens} tokens; "
+            f"Ulysses all-to-all per decoder layer: {mib:.1f} MiB sent per GPU forward, as much again backward "
+            f"(({inp.local_tokens} tokens × (2×{inp.arch.q_dim} + 2×{inp.arch.kv_dim}) × "
+            f"{PRECISIONS[inp.precision]} B) × {inp.sp - 1}/{inp.sp})",
+            f"longest sequence that fits (micro-batch {inp.micro_batch}, {inp.layout}): {sp['longest_seq']} tokens "
+            f"with --sp {inp.sp}, {sp['longest_seq_without']} without (arithmetic, multiples of 256)", ""]
 
 
 def recommendation_lines(result: dict) -> list[str]:
@@ -278,6 +298,7 @@ def to_json(result: dict) -> dict:
         "per_gpu_gib": round(p.per_gpu_gib, 4), "cpu_offload_gib": round(p.cpu_gib, 4),
         "gpu_mem_gib": p.inp.gpu_mem_gib, "fits": p.fits, "largest_micro_batch": result["largest_micro_batch"],
         "alternative_layout": result.get("alternative"), "recommendation": result["recommendation"],
+        "sequence_parallel": result.get("sequence_parallel"),
     }
 
 
@@ -293,6 +314,10 @@ def make_plan(args) -> dict:
     result["largest_micro_batch"] = largest_micro_batch(chosen)
     target = replace(chosen, layout=result["alternative"]) if result.get("alternative") else chosen
     result["recommendation"] = recommend_profile(target, target.layout)
+    if chosen.sp > 1:
+        result["sequence_parallel"] = {"degree": chosen.sp, "traffic_bytes_per_layer": sp_traffic_bytes(chosen),
+                                       "longest_seq": longest_seq(chosen),
+                                       "longest_seq_without": longest_seq(replace(chosen, sp=1))}
     return result
 
 
@@ -338,6 +363,9 @@ def add_parser(sub) -> None:
                    "autocast_adapter_dtype), where dpo-dist casts them to the base's dtype")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1); FSDP keeps "
                    "unsharded gradients between them (no_sync)")
+    p.add_argument("--sp", type=int, default=1, metavar="N", help="sequence parallelism: each sequence split over N "
+                   "GPUs (DeepSpeed Ulysses, --layout zero3); activations and logits are planned for 1/N of the "
+                   "tokens, and the longest sequence that fits is given with and without it (default 1: off)")
     p.add_argument("--json", action="store_true", help="print the breakdown as JSON (per-GPU total: per_gpu_gib)")
     p.set_defaults(func=run)
 

@@ -22,36 +22,39 @@ import torch
 
 
 # What this process split in the current stage: the positions of all the sequences, the positions it held itself,
-# and the scored targets among those (the run summary records them for every rank: evidence that each held 1/N of
-# every sequence, and real tokens to learn from).
-POSITIONS = {"whole": 0, "held": 0, "targets_held": 0}
+# the real (unpadded) tokens and the scored targets among those. The run summary records them for every rank:
+# evidence that each held 1/N of every sequence, with real tokens in it. Counts stay on the batch's device (no host
+# sync per micro-batch) until facts() reads them.
+POSITIONS: dict = {"whole": 0, "held": 0, "real_held": 0, "targets_held": 0}
 
 
-def _count(whole: int, held: int, targets: torch.Tensor) -> None:
+def _count(whole: int, held: int, real: torch.Tensor, targets: torch.Tensor) -> None:
     POSITIONS["whole"] += whole
     POSITIONS["held"] += held
-    POSITIONS["targets_held"] += int((targets != -100).sum())
+    POSITIONS["real_held"] = POSITIONS["real_held"] + real.sum()
+    POSITIONS["targets_held"] = POSITIONS["targets_held"] + (targets != -100).sum()
 
 
 def facts() -> list[dict]:
     """POSITIONS of every rank, in rank order. Collective."""
+    mine = {k: int(v) for k, v in POSITIONS.items()}
     out = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, dict(POSITIONS))
+    torch.distributed.all_gather_object(out, mine)
     return out
 
 
 def group():
     """The sequence-parallel process group (ranks g·N … g·N + N − 1), or None when sequence parallelism is off or
-    not set up yet (accelerate sets it up when it prepares the model)."""
+    not set up yet (accelerate sets it up when it prepares the model). Asks DeepSpeed's own record of the groups, which
+    only a Ulysses registration fills: under DDP or FSDP DeepSpeed's communication layer is not even started."""
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return None
     try:
-        from deepspeed.utils import groups
+        from deepspeed.runtime.sequence_parallel import parallel_state_sp
     except ImportError:
         return None
-    if groups._get_sequence_parallel_world_size() <= 1:
-        return None
-    return groups._get_sequence_parallel_group()
+    found = parallel_state_sp._SEQUENCE_PARALLEL_GROUP  # compat: deepspeed-ulysses-once-per-process
+    return found if found is not None and torch.distributed.get_world_size(found) > 1 else None
 
 
 def release() -> None:
@@ -69,7 +72,7 @@ def release() -> None:
 
     compat.patch("deepspeed-ulysses-once-per-process")
     parallel_state_sp._release_sequence_parallel_groups()
-    POSITIONS.update(whole=0, held=0, targets_held=0)
+    POSITIONS.update(whole=0, held=0, real_held=0, targets_held=0)
     local = ALL_ATTENTION_FUNCTIONS._local_mapping
     for key in [k for k, fn in local.items() if "uattn_wrapper" in getattr(fn, "__qualname__", "")]:
         del local[key]  # the library's own function (its global table) answers again
@@ -138,10 +141,12 @@ def gather_positions(x: torch.Tensor | None, sp_group) -> torch.Tensor | None:
     return torch.cat(all_gather(x.contiguous(), group=sp_group), dim=1)
 
 
-def split_by_position(input_ids: torch.Tensor, labels: torch.Tensor, pad_id: int, sp_group):
+def split_by_position(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None, pad_id: int,
+                      sp_group):
     """This rank's part of a right-padded batch: (input_ids, position_ids, next-token labels), each [B, T'/N], where
     T' is the length T padded to a multiple of N; the labels are already shifted (label at t = token t + 1, -100
-    where not scored), so no part needs its neighbour's first token. Returns also T'."""
+    where not scored), so no part needs its neighbour's first token. Returns also T'. `attention_mask` (or None: no
+    padding) only counts the real tokens this rank holds."""
     degree, index = torch.distributed.get_world_size(sp_group), torch.distributed.get_rank(sp_group)
     b, t = input_ids.shape
     total = padded_length(t, degree)
@@ -149,7 +154,9 @@ def split_by_position(input_ids: torch.Tensor, labels: torch.Tensor, pad_id: int
     ids = torch.nn.functional.pad(input_ids, (0, total - t), value=pad_id)
     positions = torch.arange(total, device=input_ids.device).expand(b, total)
     part = local_slice(total, degree, index)
-    _count(b * total, b * (part.stop - part.start), targets[:, part])
+    real = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    _count(b * total, b * (part.stop - part.start), torch.nn.functional.pad(real, (0, total - t))[:, part],
+           targets[:, part])
     return ids[:, part], positions[:, part], targets[:, part], total
 
 
@@ -161,14 +168,19 @@ def split_lm_batch(batch: dict, degree: int, index: int) -> dict:
     labels = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)
     out["shift_labels"] = labels[:, 1:]
     t = out["input_ids"].size(1)
+    if "position_ids" not in out:  # Ulysses needs each token's position in the whole sequence
+        out["position_ids"] = torch.arange(t).expand(out["input_ids"].size(0), t)
     total = padded_length(t, degree)
     part = local_slice(total, degree, index)
+    rows = out["input_ids"].size(0)
+    real = out.get("attention_mask")
+    real = torch.ones(rows, t, dtype=torch.long) if real is None else real
     for key, value in out.items():
         if torch.is_tensor(value) and value.dim() >= 2 and value.size(1) == t:
             fill = -100 if key == "shift_labels" else 0
             out[key] = torch.nn.functional.pad(value, (0, total - t), value=fill)[:, part].contiguous()
-    rows = out["input_ids"].size(0)
-    _count(rows * total, rows * (part.stop - part.start), out["shift_labels"])
+    _count(rows * total, rows * (part.stop - part.start), torch.nn.functional.pad(real, (0, total - t))[:, part],
+           out["shift_labels"])
     return out
 
 

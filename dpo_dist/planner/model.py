@@ -42,6 +42,9 @@ class PlanInput:
     fp32_adapters: bool = False
     # Micro-batches per optimizer step. Only FSDP's memory depends on it: see _trainable.
     grad_accum: int = 1
+    # Sequence parallelism (a profile's sequence_parallel; DeepSpeed Ulysses under ZeRO-3): each GPU holds 1/sp of
+    # every sequence's positions, so activations and logits are planned for tokens / sp.
+    sp: int = 1
 
     def check(self) -> None:
         for flag, value, options in (("--method", self.method, METHODS), ("--stage", self.stage, STAGES),
@@ -50,7 +53,7 @@ class PlanInput:
             if value not in options:
                 raise ConfigError(f"{flag}: {value!r} is not one of {', '.join(options)}")
         for flag, value in (("--gpus", self.gpus), ("--seq", self.seq), ("--micro-batch", self.micro_batch),
-                            ("--lora-r", self.lora_r), ("--grad-accum", self.grad_accum)):
+                            ("--lora-r", self.lora_r), ("--grad-accum", self.grad_accum), ("--sp", self.sp)):
             if value < 1:
                 raise ConfigError(f"{flag}: must be a positive integer, got {value}")
         if self.gpu_mem_gib <= 0:
@@ -83,9 +86,20 @@ class PlanInput:
         (KTO's KL sequences go through a forward without gradients, whose activations are not kept)."""
         return self.micro_batch * self.seq * (2 if self.stage in PAIRED_STAGES else 1)
 
+    @property
+    def local_tokens(self) -> int:
+        """The part of `tokens` one GPU holds: all of them, or 1/sp of each sequence (padded to a multiple of sp)
+        under sequence parallelism."""
+        return self.tokens // self.seq * -(-self.seq // self.sp)
+
 
 def refusal_of(inp: PlanInput) -> str | None:
     """Combinations dpo-dist itself refuses (docs/profiles.md), so the planner never recommends them."""
+    if inp.sp > 1 and not inp.layout.startswith("zero3"):
+        return (f"sequence parallelism runs under DeepSpeed ZeRO-3 only (Ulysses); --sp {inp.sp} needs --layout zero3 "
+                "or zero3-offload")
+    if inp.sp > 1 and inp.gpus % inp.sp:
+        return f"--sp {inp.sp} must divide --gpus {inp.gpus}"
     if inp.precision == "fp16" and inp.layout.startswith("fsdp") and inp.method != "full":
         return ("dpo-dist refuses fp16 LoRA/QLoRA under FSDP (fp32 adapters beside an fp16 base in one FSDP unit); "
                 "use bf16, a zero3 layout, or one GPU")
@@ -336,11 +350,21 @@ def layer_bytes_per_token(inp: PlanInput) -> tuple[float, str]:
     return norms + attn + mlp + dropout, text
 
 
+def sp_traffic_bytes(inp: PlanInput) -> float:
+    """Bytes one GPU sends per decoder layer in one forward under Ulysses: q, k, v are swapped from positions to
+    heads before attention and the output back after it, each all-to-all keeping 1/sp of its part local. The backward
+    pass sends as much again."""
+    arch, a = inp.arch, PRECISIONS[inp.precision]
+    return inp.local_tokens * (2 * arch.q_dim + 2 * arch.kv_dim) * a * (inp.sp - 1) / inp.sp
+
+
 def _activations(inp: PlanInput, p: Plan) -> None:
-    arch, a, T = inp.arch, PRECISIONS[inp.precision], inp.tokens
+    arch, a, T = inp.arch, PRECISIONS[inp.precision], inp.local_tokens
     ah = stream_bytes(inp)
     h, i, L, V = arch.hidden_size, arch.intermediate_size, arch.num_layers, arch.vocab_size
     seqs = f"{inp.micro_batch} × {inp.seq}" + (" × 2 (chosen + rejected)" if inp.stage in PAIRED_STAGES else "")
+    if inp.sp > 1:
+        seqs += f" / sp {inp.sp}"
     per_token, per_token_text = layer_bytes_per_token(inp)
     i_eff = i * (arch.experts_per_token or 1)
     backward = T * (3 * i_eff + 2 * h) * a  # gradients alive while one layer differentiates
@@ -390,9 +414,24 @@ def largest_micro_batch(inp: PlanInput, cap: int = 256) -> int:
     return lo
 
 
+def longest_seq(inp: PlanInput, cap: int = 1 << 22) -> int:
+    """The longest sequence (a multiple of 256 tokens, up to `cap`) whose plan fits in gpu_mem_gib at the input's
+    micro-batch and layout; 0 when 256 does not fit."""
+    step = 256
+    if not plan(replace(inp, seq=step)).fits:
+        return 0
+    lo, hi = 1, cap // step
+    while lo < hi:  # memory grows with the sequence, so bisect
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if plan(replace(inp, seq=mid * step)).fits else (lo, mid - 1)
+    return lo * step
+
+
 def candidate_layouts(inp: PlanInput) -> list[str]:
     """Layouts in order of preference: replicated is fastest, sharding before offload, FSDP before ZeRO-3 (the
     choice docs/profiles.md makes), leaving out what dpo-dist refuses."""
     order = ["single", "fsdp-offload", "zero3-offload"] if inp.gpus == 1 else \
         ["ddp", "fsdp", "zero3", "fsdp-offload", "zero3-offload"]
+    if inp.sp > 1:
+        order = ["zero3", "zero3-offload"]
     return [lay for lay in order if refusal_of(replace(inp, layout=lay)) is None]

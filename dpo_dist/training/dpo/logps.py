@@ -228,10 +228,10 @@ def _sequence_parallel_forward(backbone, head, kwargs, labels, sp_group, vocab_c
     from trl.trainer.utils import maybe_gather_lm_head_ctx
 
     input_ids = kwargs.pop("input_ids")
-    kwargs.pop("attention_mask", None)  # Ulysses attends causally by position; the mask's padding is at the end
+    attention_mask = kwargs.pop("attention_mask", None)  # Ulysses attends causally by position; padding is at the end
     kwargs.pop("position_ids", None)
     t = input_ids.size(1)
-    ids, positions, targets, _ = sequence.split_by_position(input_ids, labels, 0, sp_group)
+    ids, positions, targets, _ = sequence.split_by_position(input_ids, labels, attention_mask, 0, sp_group)
     hidden = backbone(input_ids=ids, position_ids=positions, **kwargs).last_hidden_state
     targets = targets.to(head.weight.device)
     mask = targets != -100
