@@ -34,8 +34,8 @@ class StepTokenMean(Trainer):
     compat: transformers-sequence-parallel-global-token-mean
     transformers 5 averages each micro-batch's loss over that micro-batch's tokens under sequence parallelism
     (deepspeed_sp_compute_loss), so a profile that splits the step differently weights the tokens differently.
-    Here every rank counts the targets of its parts of the step's micro-batches (DeepSpeed's adapter hands them as
-    pre-shifted `shift_labels`), the count is summed over all ranks, and each micro-batch's loss is its group's
+    Here every rank counts the targets of its parts of the step's micro-batches (dpo_dist.distributed.sequence hands
+    them as pre-shifted `shift_labels`), the count is summed over all ranks, and each micro-batch's loss is its group's
     summed token NLL over that count, times the data-parallel degree (the ranks' gradient mean divides by it; the
     group's gather and ZeRO-3's division by every rank cancel, dpo_dist.distributed.sequence). Sits under TRL's
     SFTTrainer, which calls it for the loss and reads its metrics from the outputs."""
