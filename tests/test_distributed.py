@@ -146,6 +146,26 @@ def kto_rows(pairs_file: str, path: Path) -> str:
     return str(path)
 
 
+def test_full_parameter_dpo_after_sft_under_sequence_parallel_matches_one_process(tiny_base, data, tmp_path):
+    # LoRA SFT, then full-parameter DPO in the same processes: DPO's frozen reference gets its own ZeRO-3 engine
+    # before the DPO trainer sets sequence parallelism up again, so the SFT stage's groups must be gone from
+    # DeepSpeed's record by then; the reference runs whole sequences (eval mode), the policy half of each.
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_base, data, stages=("sft", "dpo"), max_steps=3)
+    out = tmp_path / "parity"
+    proc = run([BIN / "dpo-dist", "parity", recipe, "--profiles", "cpu,cpu-zero3-sp-2", "--out", out,
+                "stages.dpo.method.type=full", "stages.dpo.train.learning_rate=1e-4"])
+    print(proc.stdout)
+    result = json.loads((out / "parity.json").read_text())
+    assert result["ok"] and [s["stage"] for s in result["stages"]] == ["sft", "dpo"]
+    for stage in result["stages"]:
+        diffs = stage["diffs"]["cpu-zero3-sp-2"]
+        assert {"loss", "grad_norm", "weights"} <= set(diffs) and all(v <= 1e-4 for v in diffs.values()), diffs
+    dpo = summary(out / "cpu-zero3-sp-2" / "dpo")
+    assert dpo["method"] == "full" and dpo["sequence_parallel"]["degree"] == 2
+    assert all(r["held"] * 2 == r["whole"] > 0 for r in dpo["sequence_parallel"]["ranks"])
+    assert losses(out / "cpu-zero3-sp-2" / "dpo")[0] == pytest.approx(LN2, abs=1e-6)  # reference = the start
+
+
 PREFERENCE = ("kto", "orpo", "cpo")
 
 

@@ -181,19 +181,21 @@ PATCHES: tuple[Patch, ...] = (
     Patch(
         name="deepspeed-ulysses-once-per-process",
         library="deepspeed",
-        target="deepspeed.runtime.sequence_parallel (parallel_state_sp groups; its ALL_ATTENTION_FUNCTIONS entry)",
+        target="deepspeed.runtime.sequence_parallel (parallel_state_sp groups, groups.mpu, its attention entry)",
         kind="private",
         why="UlyssesSPAttentionHF.register_with_transformers sets up its groups once per process and replaces "
-            "transformers' core attention entry with its wrapper; a recipe's second stage in the same process would "
-            "be refused (groups already set up) or wrap the wrapper. Between stages both are undone.",
-        test="tests/test_distributed.py::test_parity_demo_recipe_across_cpu_profiles",
+            "transformers' core attention entry with its wrapper, and the engine records the groups in groups.mpu; "
+            "a recipe's second stage in the same process would be refused (groups already set up), wrap the "
+            "wrapper, or (full-parameter DPO's reference engine) ask for released groups. Between stages all three "
+            "are undone.",
+        test="tests/test_distributed.py::test_full_parameter_dpo_after_sft_under_sequence_parallel_matches_one_process",
         remove_when="when the registration can be undone through a public call",
         sites=("dpo_dist/distributed/sequence.py",),
     ),
     Patch(
         name="deepspeed-ulysses-any-batch-size",
         library="deepspeed",
-        target="deepspeed.runtime.sequence_parallel.ulysses_sp.UlyssesSPAttentionHF.batch_size (via its attention entry)",
+        target="deepspeed.runtime.sequence_parallel.ulysses_sp.UlyssesSPAttentionHF.batch_size",
         kind="private",
         why="Ulysses attention is built for one batch size (the micro-batch) and asserts it on every call; a DPO "
             "batch has twice the rows (chosen and rejected), a reference-cache batch more, the last batch fewer. "

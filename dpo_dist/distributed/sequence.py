@@ -70,8 +70,12 @@ def release() -> None:
 
     from dpo_dist import compat
 
+    from deepspeed.utils import groups
+
     compat.patch("deepspeed-ulysses-once-per-process")
     parallel_state_sp._release_sequence_parallel_groups()
+    if groups.mpu is parallel_state_sp:  # the last engine's record of them: a frozen reference's engine, set up
+        groups.mpu = None  # before the next registration, would ask it for the groups just released
     POSITIONS.update(whole=0, held=0, real_held=0, targets_held=0)
     local = ALL_ATTENTION_FUNCTIONS._local_mapping
     for key in [k for k, fn in local.items() if "uattn_wrapper" in getattr(fn, "__qualname__", "")]:
