@@ -4,9 +4,10 @@ Under a profile's `sequence_parallel: N`, accelerate's DeepSpeed path registers 
 N consecutive ranks. The ranks of a group run one sequence together: each holds 1/N of its positions, and attention
 swaps heads for positions (all-to-all) so that each rank attends over the whole sequence for 1/N of the heads.
 
-- SFT and pretraining batches are split by DeepSpeed's own data-loader adapter (the Trainer installs it).
-- DPO batches (`input_ids` = chosen then rejected rows, `completion_mask`) are not in the shape that adapter splits;
-  `GroupBatches` hands every rank of a group the same whole batches, and the compact head
+- `GroupBatches` takes the place of DeepSpeed's data-loader adapter (which the Trainer would install): the group's
+  batches are exchanged whole, so every rank of a group runs the same ones.
+- SFT and pretraining batches are then cut along the sequence (`split_lm_batch`), as DeepSpeed's adapter cuts them.
+- DPO batches (`input_ids` = chosen then rejected rows, `completion_mask`) stay whole; the compact head
   (training.dpo.logps) splits each along the sequence, scores its part and gathers the per-token log-probs back, so
   TRL's DPO loss runs unchanged, and identical on every rank of the group.
 
@@ -59,18 +60,17 @@ def group():
 
 def release() -> None:
     """Undo what an earlier stage of this process set up, before accelerate sets it up again for the next trainer:
-    DeepSpeed's groups (it refuses a second setup while the first is recorded), and its wrapper in transformers'
-    attention table (it replaces the core entry, sdpa or flash, in place; the next registration would wrap the wrapper
-    and split the heads twice)."""
+    DeepSpeed's groups (it refuses a second setup while the first is recorded) and its engine's record of them
+    (groups.mpu), and its wrapper in transformers' attention table (it replaces the core entry, sdpa or flash, in
+    place; the next registration would wrap the wrapper and split the heads twice)."""
     try:
         from deepspeed.runtime.sequence_parallel import parallel_state_sp
+        from deepspeed.utils import groups
     except ImportError:
         return
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     from dpo_dist import compat
-
-    from deepspeed.utils import groups
 
     compat.patch("deepspeed-ulysses-once-per-process")
     parallel_state_sp._release_sequence_parallel_groups()
@@ -113,16 +113,6 @@ def any_batch_size() -> None:
         sized._any_batch_size = True
         sized.__qualname__ = fn.__qualname__  # still recognised by release()
         local[key] = sized
-
-
-def size() -> int:
-    g = group()
-    return 1 if g is None else torch.distributed.get_world_size(g)
-
-
-def rank() -> int:
-    g = group()
-    return 0 if g is None else torch.distributed.get_rank(g)
 
 
 def padded_length(length: int, degree: int) -> int:
